@@ -1,0 +1,99 @@
+"""The local graph convolution applied to ``x, B, C`` before the mixer (Mamba-2's short conv,
+generalised to the topology): depthwise Conv1d on lines, depthwise 3x3 Conv2d on grids,
+depthwise neighbour aggregation on general graphs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from chimera.topology import Topology
+
+ConvKind = Literal["line", "causal_line", "grid", "graph"]
+
+
+def conv_kind_for(topology: Topology) -> ConvKind:
+    """The convolution that matches a topology."""
+    if topology.kind == "grid":
+        return "grid"
+    if topology.kind == "line":
+        return "causal_line" if topology.line_direction() != 0 else "line"
+    return "graph"
+
+
+class LineConv(nn.Module):
+    """Depthwise Conv1d along the token axis; centred, or causal for a directed line (as Mamba)."""
+
+    def __init__(self, channels: int, kernel_size: int = 4, causal: bool = False) -> None:
+        super().__init__()
+        self.causal = causal
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=True)
+
+    def forward(self, x: Tensor, topology: Topology) -> Tensor:
+        if topology.num_graphs != 1:
+            raise ValueError("line convolutions take one line per topology")
+        k = self.kernel_size
+        h = x.transpose(1, 2)
+        if self.causal:
+            reverse = topology.line_direction() == -1
+            if reverse:
+                h = h.flip(-1)
+            h = self.conv(F.pad(h, (k - 1, 0)))
+            if reverse:
+                h = h.flip(-1)
+        else:
+            h = self.conv(F.pad(h, ((k - 1) // 2, k // 2)))
+        return h.transpose(1, 2)
+
+
+class GridConv(nn.Module):
+    """Depthwise ``k x k`` Conv2d over the row-major patch grid."""
+
+    def __init__(self, channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2,
+                              groups=channels, bias=True)
+
+    def forward(self, x: Tensor, topology: Topology) -> Tensor:
+        if topology.grid_shape is None:
+            raise ValueError(f"a grid convolution needs a grid topology, got '{topology.name}'")
+        H, W = topology.grid_shape
+        b, T, c = x.shape
+        h = x.transpose(1, 2).reshape(b, c, H, W)
+        return self.conv(h).reshape(b, c, T).transpose(1, 2)
+
+
+class GraphConv(nn.Module):
+    """Depthwise neighbour aggregation ``y_i = w_s ⊙ x_i + w_n ⊙ mean_{j in p(i)} x_j + b``.
+
+    Depthwise (one weight per channel) like the line and grid convolutions, and permutation
+    equivariant; isolated nodes only see themselves.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight_self = nn.Parameter(torch.ones(channels))
+        self.weight_nbr = nn.Parameter(torch.full((channels,), 0.5))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor, topology: Topology) -> Tensor:
+        src, dst = topology.src, topology.dst
+        agg = torch.zeros_like(x).index_add(1, dst, x[:, src])
+        deg = topology.in_degree.clamp(min=1).to(x.dtype)[None, :, None]
+        return self.weight_self * x + self.weight_nbr * (agg / deg) + self.bias
+
+
+def make_local_conv(kind: ConvKind, channels: int, kernel_size: int | None = None) -> nn.Module:
+    if kind == "line":
+        return LineConv(channels, kernel_size or 4, causal=False)
+    if kind == "causal_line":
+        return LineConv(channels, kernel_size or 4, causal=True)
+    if kind == "grid":
+        return GridConv(channels, kernel_size or 3)
+    if kind == "graph":
+        return GraphConv(channels)
+    raise ValueError(f"unknown local convolution {kind!r}")

@@ -1,0 +1,241 @@
+"""Step 5 of the path: the Chimera mixer, Mamba-2's mixer with SSD replaced by Chimera.
+
+``in_proj`` -> (z, x, B, C, dt[, psi]) -> local graph convolution + SiLU on (x, B, C) ->
+per-node selectivity ``delta = softplus(dt + dt_bias)`` (and per-edge ``delta_e`` from edge
+features) -> edge weights ``A_ij = exp(-exp(A_log) delta_ij)`` -> normalisation -> ``mix`` on every
+DAG of the canonical decomposition (or once on the whole graph) -> sum (+ ``D`` skip) ->
+gated RMSNorm ``norm(y * silu(z))`` -> ``out_proj``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from chimera.local_conv import ConvKind, conv_kind_for, make_local_conv
+from chimera.norm import (
+    dag_normalize,
+    edge_log_weight,
+    edge_selectivity,
+    row_normalize,
+    two_cycle_normalize,
+)
+from chimera.ops import mix
+from chimera.ops.mix import METHODS
+from chimera.topology import Topology
+
+Sharing = Literal["none", "complete", "rowwise", "diagonal"]
+SHARING_MODES: tuple[str, ...] = ("none", "complete", "rowwise", "diagonal")
+
+# DAGs per canonical decomposition, keyed by the local convolution the topology uses
+_NUM_DAGS = {"line": 2, "causal_line": 1, "grid": 4, "graph": 2}
+
+
+def sharing_groups(num_dags: int, sharing: Sharing) -> list[int]:
+    """Which B/C (and dt) parameter group each DAG uses (paper App. B.2, Table 6).
+
+    For the four grid DAGs in the order (top_left, top_right, bottom_left, bottom_right):
+    ``none`` = 4 groups; ``complete`` = 1; ``rowwise`` = the two DAGs starting on the same row
+    share (TL+TR, BL+BR); ``diagonal`` = opposite corners share (TL+BR, TR+BL), the paper's
+    choice. For two DAGs (a line or a BFS pair, each the reverse of the other) ``diagonal`` means
+    the pair shares, like ``complete``.
+    """
+    if sharing not in SHARING_MODES:
+        raise ValueError(f"unknown B/C sharing {sharing!r}; choose one of {SHARING_MODES}")
+    if num_dags == 1 or sharing == "complete":
+        return [0] * num_dags
+    if sharing == "none":
+        return list(range(num_dags))
+    if num_dags == 4:
+        return [0, 0, 1, 1] if sharing == "rowwise" else [0, 1, 1, 0]
+    if num_dags == 2 and sharing == "diagonal":
+        return [0, 0]
+    raise ValueError(f"B/C sharing {sharing!r} is defined for 4 grid DAGs, not {num_dags} DAGs")
+
+
+class ChimeraMixer(nn.Module):
+    """Chimera's token mixer for one topology family.
+
+    Args:
+        d_model: model width.
+        conv: local convolution family: ``"line"`` (undirected line), ``"causal_line"``
+            (one directed line), ``"grid"`` or ``"graph"``. Inputs must use a matching topology.
+        d_state: state size ``N``; headdim: ``P``; expand: ``d_inner = expand * d_model``.
+        resolvent: ``"dag"`` mixes over the canonical DAG decomposition (Sec. 4.1),
+            ``"general"`` over the whole graph (Sec. 3.3; needs ``method`` exact or neumann).
+        method: an algorithm of :func:`chimera.ops.mix`, or ``"auto"`` (SSD on directed lines,
+            the triangular solve up to ``dense_max_nodes`` nodes, the level-set scan beyond).
+        dag_norm: ``"count"`` (paper eq. 16) or ``"sqrt"`` (released ImageNet code).
+        general_norm: ``"row"`` (Sec. 3.3) or ``"two_cycle"`` (App. B.1, undirected lines).
+        sharing: B/C sharing across DAGs (see :func:`sharing_groups`).
+        dag_sum: ``"sum"`` adds the DAG outputs; ``"sqrt"`` divides the sum by sqrt(#DAGs)
+            (the released graph code).
+        edge_dim: width of edge features; enables per-edge selectivity ``delta_e``.
+        edge_selectivity: ``"mean"`` of the endpoints (paper) or ``"target"`` (released code).
+        num_terms: ``K`` for ``method="neumann"`` (default: the diameter).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        conv: ConvKind = "grid",
+        d_state: int = 64,
+        headdim: int = 64,
+        expand: float = 2.0,
+        d_conv: int | None = None,
+        resolvent: Literal["dag", "general"] = "dag",
+        method: str = "auto",
+        dag_norm: Literal["count", "sqrt"] = "count",
+        general_norm: Literal["row", "two_cycle"] = "row",
+        gamma: float = 0.95,
+        sharing: Sharing = "diagonal",
+        dag_sum: Literal["sum", "sqrt"] = "sum",
+        edge_dim: int | None = None,
+        edge_selectivity: Literal["mean", "target"] = "mean",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        A_init: float = 1.0,
+        bias: bool = False,
+        num_terms: int | None = None,
+        chunk_size: int = 64,
+        dense_max_nodes: int = 1024,
+    ) -> None:
+        super().__init__()
+        if method != "auto" and method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose 'auto' or one of {METHODS}")
+        if resolvent not in ("dag", "general"):
+            raise ValueError(f"resolvent must be 'dag' or 'general', got {resolvent!r}")
+        if resolvent == "general" and method not in ("auto", "reference", "exact", "neumann"):
+            raise ValueError(f"resolvent='general' needs exact/neumann/reference, not {method!r}")
+        if general_norm not in ("row", "two_cycle"):
+            raise ValueError(f"unknown general_norm {general_norm!r}")
+        if dag_sum not in ("sum", "sqrt"):
+            raise ValueError(f"unknown dag_sum {dag_sum!r}")
+        self.d_model = d_model
+        self.d_inner = int(expand * d_model)
+        if self.d_inner % headdim:
+            raise ValueError(f"d_inner={self.d_inner} is not a multiple of headdim={headdim}")
+        self.headdim, self.d_state = headdim, d_state
+        self.nheads = self.d_inner // headdim
+        self.conv_kind = conv
+        self.resolvent = resolvent
+        self.method = method
+        self.dag_norm, self.general_norm, self.gamma = dag_norm, general_norm, gamma
+        self.dag_sum, self.edge_mode = dag_sum, edge_selectivity
+        self.num_terms, self.chunk_size, self.dense_max_nodes = num_terms, chunk_size, dense_max_nodes
+
+        self.num_dags = 1 if resolvent == "general" else _NUM_DAGS[conv]
+        self.groups = sharing_groups(self.num_dags, sharing)
+        self.sharing = sharing
+        ng = max(self.groups) + 1
+        self.num_groups = ng
+        d_bc = ng * d_state
+        self.n_psi = self.nheads if resolvent == "general" and general_norm == "row" else 0
+        d_in_proj = 2 * self.d_inner + 2 * d_bc + ng * self.nheads + self.n_psi
+        self.in_proj = nn.Linear(d_model, d_in_proj, bias=bias)
+        self.conv_dim = self.d_inner + 2 * d_bc
+        self.local_conv = make_local_conv(conv, self.conv_dim, d_conv)
+        self.edge_proj = nn.Linear(edge_dim, ng * self.nheads, bias=True) if edge_dim else None
+
+        # dt initialised log-uniformly in [dt_min, dt_max] through softplus^-1 (as Mamba-2)
+        dt = torch.exp(torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min))
+                       + math.log(dt_min)).clamp(min=dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
+        # Chimera initialises A_log = 0, i.e. a_h = -1 (A_init = 1)
+        self.A_log = nn.Parameter(torch.full((self.nheads,), math.log(A_init)))
+        self.D = nn.Parameter(torch.ones(self.nheads))
+        for p in (self.dt_bias, self.A_log, self.D):
+            p._no_weight_decay = True
+        self.norm = nn.RMSNorm(self.d_inner, eps=1e-5)
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    # ------------------------------------------------------------------
+    def _method_for(self, dag: Topology) -> str:
+        if self.method != "auto":
+            return self.method
+        if self.resolvent == "general":
+            return "exact"
+        if dag.num_graphs == 1 and dag.line_direction() != 0:
+            return "ssd"
+        return "exact" if dag.num_nodes <= self.dense_max_nodes else "dag_scan"
+
+    def _check(self, x: Tensor, topology: Topology, edge_attr: Tensor | None) -> None:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must be (batch, T, {self.d_model}), got {tuple(x.shape)}")
+        if x.shape[1] != topology.num_nodes:
+            raise ValueError(
+                f"x has {x.shape[1]} tokens but topology '{topology.name}' has "
+                f"{topology.num_nodes} nodes"
+            )
+        kind = conv_kind_for(topology)
+        if kind != self.conv_kind:
+            raise ValueError(
+                f"this mixer was built for '{self.conv_kind}' topologies, got '{topology.name}' "
+                f"(a '{kind}' topology)"
+            )
+        if self.edge_proj is not None and edge_attr is None:
+            raise ValueError("this mixer uses edge features (edge_dim set) but none were given")
+        if edge_attr is not None and edge_attr.shape[0] != topology.num_edges:
+            raise ValueError(
+                f"edge_attr has {edge_attr.shape[0]} rows, topology has {topology.num_edges} edges"
+            )
+
+    def forward(self, x: Tensor, topology: Topology, edge_attr: Tensor | None = None) -> Tensor:
+        """``x (batch, T, d_model)`` over ``topology`` -> ``(batch, T, d_model)``."""
+        topology = topology.to(x.device)
+        if edge_attr is None:
+            edge_attr = topology.edge_attr if self.edge_proj is not None else None
+        self._check(x, topology, edge_attr)
+        b, T, _ = x.shape
+        h, P, N, ng = self.nheads, self.headdim, self.d_state, self.num_groups
+
+        proj = self.in_proj(x)
+        z, xbc, dt, psi = torch.split(
+            proj, [self.d_inner, self.conv_dim, ng * h, self.n_psi], dim=-1)
+        xbc = F.silu(self.local_conv(xbc, topology))
+        v, Bs, Cs = torch.split(xbc, [self.d_inner, ng * N, ng * N], dim=-1)
+        V = v.reshape(b, T, h, P)
+        Bs, Cs = Bs.reshape(b, T, ng, N), Cs.reshape(b, T, ng, N)
+        delta = F.softplus(dt.reshape(b, T, ng, h) + self.dt_bias)  # (b, T, groups, h)
+        delta_edge = None
+        if self.edge_proj is not None:
+            delta_edge = F.softplus(self.edge_proj(edge_attr.to(x.dtype)))  # (E, groups*h)
+            delta_edge = delta_edge.reshape(-1, ng, h)
+
+        dags = topology.dags() if self.resolvent == "dag" else [topology]
+        if len(dags) != self.num_dags:
+            raise ValueError(
+                f"topology '{topology.name}' decomposes into {len(dags)} DAGs, this mixer expects "
+                f"{self.num_dags}"
+            )
+        y = None
+        for dag, g in zip(dags, self.groups):
+            d_g = delta[:, :, g]
+            de = None
+            if delta_edge is not None:
+                ids = dag.parent_edge if dag.parent_edge is not None else slice(None)
+                de = delta_edge[ids, g].T.unsqueeze(0).expand(b, -1, -1)
+            log_w = edge_log_weight(edge_selectivity(d_g, dag, de, self.edge_mode), self.A_log)
+            if self.resolvent == "dag":
+                w, scale = dag_normalize(log_w, d_g, dag, self.dag_norm)
+            elif self.general_norm == "row":
+                w, scale = row_normalize(torch.exp(log_w), psi.reshape(b, T, h), dag,
+                                         self.gamma), d_g
+            else:
+                w, scale = two_cycle_normalize(torch.exp(log_w), dag, self.gamma), d_g
+            Bg = Bs[:, :, g, None, :].expand(b, T, h, N)
+            Cg = Cs[:, :, g, None, :].expand(b, T, h, N)
+            y_k = mix(V * scale.unsqueeze(-1), Bg, Cg, w, dag, method=self._method_for(dag),
+                      num_terms=self.num_terms, chunk_size=self.chunk_size)
+            y = y_k if y is None else y + y_k
+        if self.dag_sum == "sqrt":
+            y = y / math.sqrt(len(dags))
+        y = y + self.D[:, None] * V
+        y = self.norm(y.reshape(b, T, self.d_inner) * F.silu(z))
+        return self.out_proj(y)

@@ -1,0 +1,83 @@
+"""Small linear-algebra helpers with the workarounds this project needs."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+
+@contextlib.contextmanager
+def single_threaded_cpu(active: bool = True) -> Iterator[None]:
+    """Run the enclosed ops with one intra-op thread, restoring the count afterwards.
+
+    Batched LU on CPU (MKL, torch 2.13) can return invalid pivots for part of a batch when more
+    than one thread is used (DESIGN.md section 4), so every general solve/inverse on CPU goes
+    through here. GPU solvers are unaffected, so ``active`` is False for CUDA tensors.
+    """
+    if not active:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def eye_like(A: Tensor) -> Tensor:
+    """Identity broadcastable against a batch of square matrices ``A (..., n, n)``."""
+    return torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
+
+
+def general_inverse_of_i_minus(A: Tensor) -> Tensor:
+    """``(I - A)^-1`` for a batch of arbitrary square matrices (LU; thread-safe on CPU)."""
+    eye = eye_like(A)
+    with single_threaded_cpu(A.device.type == "cpu"):
+        return torch.linalg.solve(eye - A, eye.expand_as(A))
+
+
+def unit_lower_inverse_of_i_minus(A: Tensor) -> Tensor:
+    """``(I - A)^-1`` when ``A`` is strictly lower triangular (a DAG in topological order).
+
+    ``I - A`` is then unit lower triangular, so a triangular solve is exact, cheap and, unlike
+    batched LU, reliable on multi-threaded CPU.
+    """
+    eye = eye_like(A)
+    return torch.linalg.solve_triangular(eye - A, eye.expand_as(A), upper=False,
+                                         unitriangular=True)
+
+
+def neumann_sum(A: Tensor, K: int) -> Tensor:
+    """``sum_{k=0}^{K} A^k`` with O(log K) matrix products.
+
+    Binary expansion of the number of terms ``m = K + 1``: with ``S_m = sum_{k<m} A^k`` and
+    ``P_m = A^m``, doubling is ``S_2m = S_m (I + P_m)``, ``P_2m = P_m^2`` and an increment is
+    ``S_{m+1} = I + A S_m``, ``P_{m+1} = A P_m``. When ``m`` is a power of two this is exactly the
+    paper's squaring trick ``(I + A)(I + A^2)(I + A^4)...`` (eq. 18 / 26).
+    """
+    if K < 0:
+        raise ValueError(f"the number of Neumann terms must be >= 0, got K={K}")
+    eye = eye_like(A)
+    m = K + 1
+    S = eye.expand_as(A)
+    P = A
+    for bit in bin(m)[3:]:  # skip '0b1': S_1 = I, P_1 = A
+        S = S + S @ P
+        P = P @ P
+        if bit == "1":
+            S = eye + A @ S
+            P = A @ P
+    return S
+
+
+def squaring_steps_for_nilpotent(longest_path: int) -> int:
+    """Number of factors in ``(I + A)(I + A^2)...(I + A^(2^(s-1)))`` that makes it exact for a
+    DAG whose longest path has ``longest_path`` edges (``A^(longest_path + 1) = 0``)."""
+    s = 0
+    while (1 << s) <= longest_path:
+        s += 1
+    return s

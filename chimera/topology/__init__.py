@@ -1,0 +1,17 @@
+"""Topologies (step 1): lines, grids, graphs, and their canonical DAG decompositions."""
+
+from chimera.topology.build import flat_grid, from_edge_index, grid, line
+from chimera.topology.decompose import GRID_CORNERS, bfs_dags, bfs_depth
+from chimera.topology.graph import CycleError, Topology
+
+__all__ = [
+    "GRID_CORNERS",
+    "CycleError",
+    "Topology",
+    "bfs_dags",
+    "bfs_depth",
+    "flat_grid",
+    "from_edge_index",
+    "grid",
+    "line",
+]

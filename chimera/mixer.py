@@ -128,7 +128,8 @@ class ChimeraMixer(nn.Module):
         self.method = method
         self.dag_norm, self.general_norm, self.gamma = dag_norm, general_norm, gamma
         self.dag_sum, self.edge_mode = dag_sum, edge_selectivity
-        self.num_terms, self.chunk_size, self.dense_max_nodes = num_terms, chunk_size, dense_max_nodes
+        self.num_terms, self.chunk_size = num_terms, chunk_size
+        self.dense_max_nodes = dense_max_nodes
 
         self.num_dags = 1 if resolvent == "general" else _NUM_DAGS[conv]
         self.groups = sharing_groups(self.num_dags, sharing)
@@ -215,7 +216,7 @@ class ChimeraMixer(nn.Module):
                 f"{self.num_dags}"
             )
         y = None
-        for dag, g in zip(dags, self.groups):
+        for dag, g in zip(dags, self.groups, strict=True):
             d_g = delta[:, :, g]
             de = None
             if delta_edge is not None:

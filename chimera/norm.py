@@ -101,7 +101,8 @@ def row_normalize(weight: Tensor, psi: Tensor, topology: Topology, gamma: float 
         raise ValueError(f"gamma must lie in (0, 1), got {gamma}")
     dst = topology.dst
     row_sum = segment_sum(weight, dst, topology.num_nodes)
-    denom = row_sum + torch.exp(psi.transpose(1, 2))
+    # the clamp keeps an all-underflowed row (huge delta, very negative psi) at 0 instead of 0/0
+    denom = (row_sum + torch.exp(psi.transpose(1, 2))).clamp(min=torch.finfo(weight.dtype).tiny)
     return gamma * weight / denom[..., dst]
 
 

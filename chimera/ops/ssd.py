@@ -68,10 +68,11 @@ def mix_ssd(V: Tensor, B: Tensor, C: Tensor, edge_weight: Tensor, topo: Topology
         )
     if topo.num_graphs != 1:
         raise ValueError("method='ssd' supports one line per topology (batch the tensor dim)")
-    if bool((edge_weight <= 0).any()):
-        raise ValueError("method='ssd' works in log space and needs strictly positive weights")
+    if bool((edge_weight < 0).any()):
+        raise ValueError("method='ssd' works in log space and needs non-negative weights")
     b, T, h, _ = V.shape
-    log_w = torch.log(edge_weight)
+    # a weight that underflowed to 0 becomes ln(tiny): the decay is then 0 to working precision
+    log_w = torch.log(edge_weight.clamp(min=torch.finfo(edge_weight.dtype).tiny))
     # weight of the edge into each node; the first node of the line has none (its log is unused)
     log_a = log_w.new_zeros(b, h, T).index_copy(-1, topo.dst, log_w)
     if direction == -1:

@@ -67,7 +67,7 @@ def bfs_depth(topo: Topology, roots: Tensor | None = None) -> Tensor:
     """
     n = topo.num_nodes
     nbrs: list[list[int]] = [[] for _ in range(n)]
-    for s, d in zip(topo.src.cpu().tolist(), topo.dst.cpu().tolist()):
+    for s, d in zip(topo.src.cpu().tolist(), topo.dst.cpu().tolist(), strict=True):
         nbrs[s].append(d)
         nbrs[d].append(s)
     depth = [-1] * n

@@ -88,7 +88,8 @@ class Topology:
             )
         if self.parent_edge is not None and self.parent_edge.shape != (ei.shape[1],):
             raise ValueError("parent_edge must have one entry per edge")
-        if self.grid_shape is not None and self.grid_shape[0] * self.grid_shape[1] != self.num_nodes:
+        gs = self.grid_shape
+        if gs is not None and gs[0] * gs[1] != self.num_nodes:
             raise ValueError(f"grid_shape {self.grid_shape} does not match {self.num_nodes} nodes")
 
     # ------------------------------------------------------------------ basic structure
@@ -276,7 +277,7 @@ class Topology:
         n = self.num_nodes
         src, dst = self.src.cpu().tolist(), self.dst.cpu().tolist()
         children: list[list[int]] = [[] for _ in range(n)]
-        for s, d in zip(src, dst):
+        for s, d in zip(src, dst, strict=True):
             children[s].append(d)
         gid = self.graph_ids.cpu().tolist()
         best = [0] * self.num_graphs

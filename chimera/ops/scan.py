@@ -1,9 +1,19 @@
 """The linear-time DAG recurrence (paper Prop. 4.2 / 4.4): a topological sweep over level sets.
 
-With the state ``H_i = B_i v_iᵀ`` (``N x P`` per node and head), ``H = L X`` is the solution of
-``(I - A) H = X``, i.e. ``H_i = X_i + sum_{j in p(i)} A_ij H_j``, computed level by level in
-``O(|E| N P)`` work without any ``T x T`` matrix. The backward pass is the adjoint sweep
-``G_j = dH_j + sum_{i: j in p(i)} A_ij G_i`` in reverse order, with ``dA_ij = <G_i, H_j>``.
+``H = (I - A)^-1 X`` is the solution of ``(I - A) H = X``, i.e.
+``H_i = X_i + sum_{j in p(i)} A_ij H_j``, computed level by level (every level only reads
+earlier ones) in ``O(|E| F)`` work for ``F`` right-hand sides per node, without any ``T x T``
+matrix. The backward pass is the adjoint sweep ``G_j = dH_j + sum_{i: j in p(i)} A_ij G_i`` in
+reverse order, with ``dA_ij = <G_i, H_j>``.
+
+Two uses:
+
+* the *state* form (``dag_scan``): ``X_i = B_i v_iᵀ`` (``F = N P``), ``y_i = C_iᵀ H_i``;
+* the *mask* form (``exact`` on DAGs): ``X = I`` gives the rows of ``L`` in ``O(|E| T)`` per
+  head, far cheaper than a dense ``O(T^3)`` triangular inverse; then ``Y = (L ∘ C Bᵀ) V``.
+
+Tensors are node-major inside the sweep (``(T, M, F)`` with ``M`` = batch x heads) so that each
+level's gather and scatter move contiguous rows.
 """
 
 from __future__ import annotations
@@ -14,41 +24,100 @@ from torch import Tensor
 from chimera.topology import Topology
 
 
-class _DagStateSolve(torch.autograd.Function):
+def _padded_neighbours(nodes: Tensor, ends: Tensor, other: Tensor, T: int, E: int):
+    """For ``nodes``, their neighbours ``other[e]`` over edges with ``ends[e]`` in ``nodes``,
+    padded to the largest count with the dummy node ``T`` and the dummy edge ``E``."""
+    pos = torch.full((T,), -1, dtype=torch.long, device=nodes.device)
+    pos[nodes] = torch.arange(len(nodes), device=nodes.device)
+    eids = torch.nonzero(pos[ends] >= 0).flatten()
+    row = pos[ends[eids]]
+    order = torch.argsort(row, stable=True)
+    eids, row = eids[order], row[order]
+    counts = torch.bincount(row, minlength=len(nodes))
+    k = int(counts.max()) if len(eids) else 0
+    col = torch.arange(len(eids), device=nodes.device) - (counts.cumsum(0) - counts)[row]
+    nbr = torch.full((len(nodes), k), T, dtype=torch.long, device=nodes.device)
+    edge = torch.full((len(nodes), k), E, dtype=torch.long, device=nodes.device)
+    nbr[row, col] = other[eids]
+    edge[row, col] = eids
+    return nbr, edge
+
+
+def sweep_plan(topo: Topology) -> tuple[list, list]:
+    """Per level: (nodes, padded parents, padded in-edges) for the forward sweep and
+    (nodes, padded children, padded out-edges) for the adjoint sweep (cached)."""
+
+    def build():
+        T, E = topo.num_nodes, topo.num_edges
+        levels = topo.level_sets()
+        fwd = [(n, *_padded_neighbours(n, topo.dst, topo.src, T, E)) for n in levels[1:]]
+        bwd = [(n, *_padded_neighbours(n, topo.src, topo.dst, T, E)) for n in levels[:-1]]
+        return fwd, bwd[::-1]
+
+    return topo._cached("sweep_plan", build)
+
+
+class _NodeMajorDagSolve(torch.autograd.Function):
+    """``H = (I - A)^-1 X`` for node-major ``X (T, M, F)`` and edge weights ``w (E, M)``.
+
+    Each level is one gather of its nodes' (padded) parents and one write of its own rows:
+    a node's rows are written exactly once, so no scatter-add is needed. Row ``T`` of the
+    buffers and edge ``E`` of the weights are zero dummies that absorb the padding.
+    """
+
     @staticmethod
-    def forward(ctx, X: Tensor, w: Tensor, src: Tensor, dst: Tensor, schedule: list[Tensor]):
-        H = X.clone()
-        wt = w.transpose(1, 2)  # (b, E, h)
-        for eids in schedule:
-            s, d = src[eids], dst[eids]
-            H.index_add_(1, d, H[:, s] * wt[:, eids, :, None])
-        ctx.save_for_backward(H, wt, src, dst)
-        ctx.schedule = schedule
-        return H
+    def forward(ctx, X: Tensor, w: Tensor, src: Tensor, dst: Tensor, plan) -> Tensor:
+        T = X.shape[0]
+        H = torch.cat([X, X.new_zeros(1, *X.shape[1:])])
+        wpad = torch.cat([w, w.new_zeros(1, w.shape[1])]).unsqueeze(-1)  # (E+1, M, 1)
+        for nodes, parents, edges in plan[0]:
+            H[nodes] = X[nodes] + (H[parents] * wpad[edges]).sum(1)
+        ctx.save_for_backward(H, wpad, src, dst)
+        ctx.plan = plan
+        return H[:T]
 
     @staticmethod
     def backward(ctx, dH: Tensor):
-        H, wt, src, dst = ctx.saved_tensors
-        G = dH.clone()
-        dwt = torch.zeros_like(wt)
-        for eids in reversed(ctx.schedule):
-            s, d = src[eids], dst[eids]
-            Gd = G[:, d]
-            G.index_add_(1, s, Gd * wt[:, eids, :, None])
-            dwt[:, eids] = (Gd * H[:, s]).sum(-1)
-        return G, dwt.transpose(1, 2), None, None, None
+        H, wpad, src, dst = ctx.saved_tensors
+        G = torch.cat([dH, dH.new_zeros(1, *dH.shape[1:])])
+        for nodes, children, edges in ctx.plan[1]:
+            G[nodes] = dH[nodes] + (G[children] * wpad[edges]).sum(1)
+        dw = (G[dst] * H[src]).sum(-1)
+        return G[:-1], dw, None, None, None
+
+
+def dag_solve_node_major(X: Tensor, w: Tensor, topo: Topology) -> Tensor:
+    """``(I - A)^-1 X`` with ``X (T, M, F)`` and ``w (E, M)`` (``M`` independent systems)."""
+    topo.require_dag("the DAG recurrence")
+    return _NodeMajorDagSolve.apply(X, w, topo.src, topo.dst, sweep_plan(topo))
 
 
 def dag_state_solve(X: Tensor, edge_weight: Tensor, topo: Topology) -> Tensor:
-    """``H = (I - A)^-1 X`` on a DAG by the level-set recurrence. ``X (b, T, H, F)``,
-    ``edge_weight (b, H, E)``."""
-    topo.require_dag("the DAG scan")
-    return _DagStateSolve.apply(X, edge_weight, topo.src, topo.dst, topo.edge_schedule())
+    """``H = (I - A)^-1 X`` on a DAG. ``X (b, T, H, F)``, ``edge_weight (b, H, E)``."""
+    b, T, h, F = X.shape
+    Xn = X.permute(1, 0, 2, 3).reshape(T, b * h, F)
+    wn = edge_weight.permute(2, 0, 1).reshape(-1, b * h)
+    H = dag_solve_node_major(Xn, wn, topo)
+    return H.view(T, b, h, F).permute(1, 0, 2, 3)
 
 
 def mix_dag_scan(V: Tensor, B: Tensor, C: Tensor, edge_weight: Tensor, topo: Topology) -> Tensor:
     b, T, h, p = V.shape
     n = B.shape[-1]
     X = (B.unsqueeze(-1) * V.unsqueeze(-2)).reshape(b, T, h, n * p)
-    H = dag_state_solve(X, edge_weight, topo).view(b, T, h, n, p)
+    H = dag_state_solve(X, edge_weight, topo).reshape(b, T, h, n, p)
     return torch.einsum("bthn,bthnp->bthp", C, H)
+
+
+def dag_resolvent_rows(edge_weight: Tensor, topo: Topology, slot: Tensor, n_max: int) -> Tensor:
+    """Rows of ``L = (I - A)^-1`` by the recurrence with ``X = I``.
+
+    Returns ``(T, b, H, n_max)``: row ``i`` of its graph's block, columns in block positions
+    (``slot % n_max``). Cost ``O(|E| n_max)`` per (batch, head).
+    """
+    b, h, _ = edge_weight.shape
+    T = topo.num_nodes
+    X = edge_weight.new_zeros(T, b * h, n_max)
+    X[torch.arange(T, device=X.device), :, slot % n_max] = 1.0
+    wn = edge_weight.permute(2, 0, 1).reshape(-1, b * h)
+    return dag_solve_node_major(X, wn, topo).view(T, b, h, n_max)

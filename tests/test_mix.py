@@ -17,7 +17,11 @@ def _dag_cases():
         "line_fwd": line(13, directed=True),
         "line_rev": line(13, directed=True, reverse=True),
         "grid_tl": grid(4, 5).dags()[0],
+        "grid_tr": grid(4, 5).dags()[1],
+        "grid_bl": grid(3, 4).dags()[2],
         "grid_br": grid(5, 3).dags()[3],
+        "grid_row": grid(1, 6).dags()[1],
+        "grid_col": grid(6, 1).dags()[2],
         "random_dag": random_dag(15, 0.25, g),
         "random_dag_sparse": random_dag(20, 0.08, g),  # several roots / components
     }
@@ -181,3 +185,17 @@ def test_half_precision_inputs_are_computed_in_float32():
     y16 = mix(V.bfloat16(), B.bfloat16(), C.bfloat16(), w.bfloat16(), topo, method="dag_scan")
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32, atol=0.1, rtol=0.05)
+
+
+def test_grid_corner_dags_take_the_row_sweep_and_others_fall_back():
+    from chimera.ops.grid import grid_frame
+
+    g = grid(4, 5)
+    assert all(grid_frame(d) is not None for d in g.dags())
+    # a corner DAG with one edge removed is no longer complete: the generic path must serve it
+    d = g.dags()[0]
+    partial = d.subgraph_edges(torch.arange(1, d.num_edges), "grid/top_left")
+    assert grid_frame(partial) is None
+    ins = random_inputs(partial)
+    torch.testing.assert_close(mix(*ins, partial, method="exact"),
+                               mix(*ins, partial, method="reference"))

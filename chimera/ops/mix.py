@@ -6,7 +6,8 @@ Every algorithm sits behind the same signature and gives the same answer where i
 method        topologies           how ``L`` (or ``L X``) is obtained
 ============  ===================  =======================================================
 reference     any                  dense LU solve in float64: the test oracle
-exact         any                  triangular solve on DAGs, LU solve otherwise
+exact         any                  grid corner DAGs: row sweeps; other DAGs: rows of L by
+                                   the level-set recurrence; otherwise an LU solve
 neumann       any                  ``sum_{k<=K} A^k`` by squaring (K = diameter by default)
 dag_dense     DAGs                 ``(I + A)(I + A^2)(I + A^4)...``: exact by nilpotency
 dag_scan      DAGs                 linear-time recurrence over level sets, no ``T x T``
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from chimera.ops import dense
+from chimera.ops.grid import grid_frame, mix_grid_dag
 from chimera.ops.scan import mix_dag_scan
 from chimera.ops.ssd import mix_ssd
 from chimera.topology import Topology
@@ -99,6 +101,8 @@ def mix(
         from chimera.ops.triton import mix_dag_triton
 
         Y = mix_dag_triton(V, B, C, edge_weight, topology)
+    elif method == "exact" and (frame := grid_frame(topology)) is not None:
+        Y = mix_grid_dag(V, B, C, edge_weight, topology, frame)
     elif method in ("reference", "exact", "neumann", "dag_dense"):
         Y = _mix_dense(V, B, C, edge_weight, topology, method, num_terms)
     else:

@@ -23,7 +23,7 @@ def line(T: int, directed: bool = False, reverse: bool = False) -> Topology:
     """
     if T <= 0:
         raise ValueError(f"a line needs at least one token, got T={T}")
-    a = torch.arange(T - 1)
+    a = torch.arange(T - 1, device="cpu")
     fwd = torch.stack([a, a + 1])
     if directed:
         ei = fwd.flip(0) if reverse else fwd
@@ -38,7 +38,7 @@ def grid(H: int, W: int) -> Topology:
     """The undirected 4-neighbour ``H x W`` grid, nodes in row-major order (``r * W + c``)."""
     if H <= 0 or W <= 0:
         raise ValueError(f"a grid needs positive height and width, got {H}x{W}")
-    idx = torch.arange(H * W).view(H, W)
+    idx = torch.arange(H * W, device="cpu").view(H, W)
     right = torch.stack([idx[:, :-1].flatten(), idx[:, 1:].flatten()])
     down = torch.stack([idx[:-1, :].flatten(), idx[1:, :].flatten()])
     ei = torch.cat([right, right.flip(0), down, down.flip(0)], dim=1)

@@ -124,4 +124,4 @@ def test_cycle_given_to_dag_algorithm_is_named():
     with pytest.raises(CycleError, match="directed cycle"):
         line(5).levels  # noqa: B018
     with pytest.raises(CycleError, match="directed cycle"):
-        line(5).edge_schedule()
+        line(5).level_sets()

@@ -17,7 +17,6 @@ from chimera.ops.linalg import (
     general_inverse_of_i_minus,
     neumann_sum,
     squaring_steps_for_nilpotent,
-    unit_lower_inverse_of_i_minus,
 )
 from chimera.ops.scan import dag_resolvent_rows
 from chimera.topology import Topology
@@ -33,27 +32,17 @@ class BlockLayout:
     identity: bool  # one graph in node order: blocks are plain reshapes
 
 
-def block_layout(topo: Topology, topological: bool) -> BlockLayout:
-    """Per-graph positions; with ``topological=True`` positions follow a topological order, so
-    that a DAG's adjacency block is strictly lower triangular."""
-    key = f"layout:{topological}"
-    if key in topo._cache:
-        return topo._cache[key]
-    gid = topo.graph_ids
-    order = torch.arange(topo.num_nodes, device=topo.device)
-    if topological:
-        order = topo.topological_order
-    order = order[torch.argsort(gid[order], stable=True)]  # group by graph, keep order inside
-    ptr = topo.ptr
-    pos = torch.empty_like(order)
-    pos[order] = torch.arange(topo.num_nodes, device=topo.device) - ptr[gid[order]]
-    n_max = int((ptr[1:] - ptr[:-1]).max())
-    slot = gid * n_max + pos
-    identity = topo.num_graphs == 1 and bool(
-        (slot == torch.arange(topo.num_nodes, device=slot.device)).all())
-    layout = BlockLayout(slot=slot, num_graphs=topo.num_graphs, n_max=n_max, identity=identity)
-    topo._cache[key] = layout
-    return layout
+def block_layout(topo: Topology) -> BlockLayout:
+    """Per-graph positions in node order (a batch keeps each graph's nodes contiguous)."""
+
+    def build() -> BlockLayout:
+        gid, ptr = topo.graph_ids, topo.ptr
+        pos = torch.arange(topo.num_nodes, device=topo.device) - ptr[gid]
+        n_max = int((ptr[1:] - ptr[:-1]).max())
+        return BlockLayout(slot=gid * n_max + pos, num_graphs=topo.num_graphs, n_max=n_max,
+                           identity=topo.num_graphs == 1)
+
+    return topo._cached("block_layout", build)
 
 
 def dense_adjacency(edge_weight: Tensor, topo: Topology, layout: BlockLayout) -> Tensor:
@@ -98,11 +87,9 @@ def resolvent_reference(A: Tensor) -> Tensor:
     return general_inverse_of_i_minus(A.double())
 
 
-def resolvent_exact(A: Tensor, is_dag_in_topological_order: bool) -> Tensor:
-    """Dense ``(I - A)^-1``: a unit-triangular solve for a DAG laid out in topological order,
-    an LU solve otherwise."""
-    if is_dag_in_topological_order:
-        return unit_lower_inverse_of_i_minus(A)
+def resolvent_exact(A: Tensor) -> Tensor:
+    """Dense ``(I - A)^-1`` of a graph with cycles by an LU solve (DAGs never get here: their
+    ``L`` comes from the recurrence, :func:`resolvent_dag_rows`)."""
     return general_inverse_of_i_minus(A)
 
 

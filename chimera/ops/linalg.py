@@ -40,17 +40,6 @@ def general_inverse_of_i_minus(A: Tensor) -> Tensor:
         return torch.linalg.solve(eye - A, eye.expand_as(A))
 
 
-def unit_lower_inverse_of_i_minus(A: Tensor) -> Tensor:
-    """``(I - A)^-1`` when ``A`` is strictly lower triangular (a DAG in topological order).
-
-    ``I - A`` is then unit lower triangular, so a triangular solve is exact, cheap and, unlike
-    batched LU, reliable on multi-threaded CPU.
-    """
-    eye = eye_like(A)
-    return torch.linalg.solve_triangular(eye - A, eye.expand_as(A), upper=False,
-                                         unitriangular=True)
-
-
 def neumann_sum(A: Tensor, K: int) -> Tensor:
     """``sum_{k=0}^{K} A^k`` with O(log K) matrix products.
 

@@ -118,15 +118,14 @@ def resolvent(edge_weight: Tensor, topology: Topology, method: Method = "exact",
     is_dag = topology.is_dag
     if method == "dag_dense":
         topology.require_dag("method='dag_dense'")
-    # natural node order, so one graph needs no re-layout (the DAG paths need no ordering)
-    layout = dense.block_layout(topology, topological=False)
+    layout = dense.block_layout(topology)
     if method == "exact" and is_dag:
         return dense.resolvent_dag_rows(edge_weight, topology, layout), layout
     A = dense.dense_adjacency(edge_weight, topology, layout)
     if method == "reference":
         L = dense.resolvent_reference(A)
     elif method == "exact":
-        L = dense.resolvent_exact(A, is_dag_in_topological_order=False)
+        L = dense.resolvent_exact(A)
     elif method == "neumann":
         K = topology.max_diameter() if num_terms is None else int(num_terms)
         L = dense.resolvent_neumann(A, K)

@@ -234,25 +234,6 @@ class Topology:
 
         return self._cached("level_sets", build)
 
-    def edge_schedule(self) -> list[Tensor]:
-        """Edge ids grouped by the level of their target, for levels 1, 2, ...
-
-        Processing the groups in order is a topological sweep: every edge's source is final
-        before the edge is used. This is the schedule of the linear-time DAG recurrence.
-        """
-
-        def build() -> list[Tensor]:
-            lv = self.levels
-            if self.num_edges == 0:
-                return []
-            tgt_level = lv[self.dst]
-            order = torch.argsort(tgt_level, stable=True)
-            counts = torch.bincount(tgt_level, minlength=int(lv.max()) + 1).tolist()
-            groups = list(torch.split(order, counts))
-            return [g for g in groups[1:] if g.numel() > 0]
-
-        return self._cached("edge_schedule", build)
-
     def longest_path(self) -> Tensor:
         """``(num_graphs,)`` number of edges on the longest directed path of each graph (DAGs)."""
 

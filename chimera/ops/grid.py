@@ -13,7 +13,6 @@ parallel scan inside each row" scheme of DESIGN.md, in the mask (SMA) form that 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from chimera.ops.ssd import segsum
@@ -73,15 +72,6 @@ def _row_sweep(a_left: Tensor, a_up: Tensor):
         U = eye if prev is None else torch.cat([a_up[:, r, :, None] * prev, eye], dim=-1)
         prev = R[:, r] @ U
         yield r, prev
-
-
-def grid_resolvent_top_left(a_left: Tensor, a_up: Tensor) -> Tensor:
-    """``L (M, T, T)`` of the top-left grid DAG with weights ``a_left, a_up (M, H, W)``
-    (``a_left[:, :, 0]`` and ``a_up[:, 0]`` are unused)."""
-    M, H, W = a_left.shape
-    T = H * W
-    rows = [F.pad(L_r, (0, T - (r + 1) * W)) for r, L_r in _row_sweep(a_left, a_up)]
-    return torch.cat(rows, dim=1)
 
 
 def mix_grid_dag(V: Tensor, B: Tensor, C: Tensor, edge_weight: Tensor, topo: Topology,

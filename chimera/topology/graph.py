@@ -141,12 +141,6 @@ class Topology:
         )
 
     @property
-    def out_degree(self) -> Tensor:
-        return self._cached(
-            "out_degree", lambda: torch.bincount(self.src, minlength=self.num_nodes)
-        )
-
-    @property
     def reverse_edge(self) -> Tensor:
         """``(E,)`` id of the edge ``i -> j`` for each edge ``j -> i``, or -1 if it is absent."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from chimera.ops.ssd import segsum
+from chimera.ops.masks import segsum
 from chimera.topology import GRID_CORNERS, Topology
 
 

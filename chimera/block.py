@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from chimera.mixer import ChimeraMixer
 from chimera.topology import Topology
+from chimera.varlen import Segments, resolve_segments
 
 
 class GatedMLP(nn.Module):
@@ -68,8 +69,23 @@ class ChimeraBlock(nn.Module):
             self.norm2 = make_norm(norm, d_model, norm_eps)
             self.mlp = GatedMLP(d_model, int(mlp_ratio * d_model))
 
-    def forward(self, x: Tensor, topology: Topology, edge_attr: Tensor | None = None) -> Tensor:
-        x = x + self.drop_path(self.mixer(self.norm1(x), topology, edge_attr))
+    def forward(
+        self,
+        x: Tensor,
+        topology: Topology,
+        edge_attr: Tensor | None = None,
+        *,
+        attention_mask: Tensor | None = None,
+        seq_idx: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        segments: Segments | None = None,
+    ) -> Tensor:
+        """Variable-length text: see :meth:`ChimeraMixer.forward` (norms and MLP act per token,
+        so only the mixer needs the sentence boundaries)."""
+        seg = resolve_segments(x, segments=segments, attention_mask=attention_mask,
+                               seq_idx=seq_idx, cu_seqlens=cu_seqlens)
+        y = self.mixer(self.norm1(x), topology, edge_attr, segments=seg)
+        x = x + self.drop_path(y)
         if self.mlp is not None:
             x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x

@@ -1,6 +1,11 @@
 """The local graph convolution applied to ``x, B, C`` before the mixer (Mamba-2's short conv,
 generalised to the topology): depthwise Conv1d on lines, depthwise 3x3 Conv2d on grids,
-depthwise neighbour aggregation on general graphs."""
+depthwise neighbour aggregation on general graphs.
+
+Line convolutions also take :class:`chimera.varlen.Segments` (padded or packed text): a tap that
+reaches a token of another sentence or a pad reads zero, as the zero padding at a lone
+sentence's ends does.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from chimera.topology import Topology
+from chimera.varlen import Segments
 
 ConvKind = Literal["line", "causal_line", "grid", "graph"]
 
@@ -33,9 +39,16 @@ class LineConv(nn.Module):
         self.kernel_size = kernel_size
         self.conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=True)
 
-    def forward(self, x: Tensor, topology: Topology) -> Tensor:
+    def forward(self, x: Tensor, topology: Topology, segments: Segments | None = None) -> Tensor:
         if topology.num_graphs != 1:
             raise ValueError("line convolutions take one line per topology")
+        if segments is not None:
+            if segments.single_run:
+                # one sentence per row, pads elsewhere: zeroing the pads gives every real token
+                # exactly the zero padding it has alone, and keeps the fast Conv1d
+                x = x * segments.real.unsqueeze(-1).to(x.dtype)
+            else:
+                return self._segmented(x, topology, segments)
         k = self.kernel_size
         h = x.transpose(1, 2)
         if self.causal:
@@ -48,6 +61,33 @@ class LineConv(nn.Module):
         else:
             h = self.conv(F.pad(h, ((k - 1) // 2, k // 2)))
         return h.transpose(1, 2)
+
+    def tap_offsets(self, topology: Topology) -> list[int]:
+        """Token offset read by each tap: ``y_t = bias + sum_j w_j x_{t + offset_j}`` (the same
+        alignment as :meth:`forward`'s padded Conv1d)."""
+        k = self.kernel_size
+        if not self.causal:
+            return [j - (k - 1) // 2 for j in range(k)]
+        if topology.line_direction() == -1:
+            return [k - 1 - j for j in range(k)]
+        return [j - (k - 1) for j in range(k)]
+
+    def _segmented(self, x: Tensor, topology: Topology, segments: Segments) -> Tensor:
+        # packed rows: one shifted, run-masked copy per tap (k small elementwise passes); taps
+        # across a sentence boundary read zero
+        T = x.shape[1]
+        w = self.conv.weight[:, 0, :]  # (channels, k)
+        y = self.conv.bias.to(x.dtype).expand_as(x)
+        for j, off in enumerate(self.tap_offsets(topology)):
+            if abs(off) >= T:
+                continue
+            if off >= 0:
+                shifted = F.pad(x[:, off:], (0, 0, 0, off))
+            else:
+                shifted = F.pad(x[:, :T + off], (0, 0, -off, 0))
+            keep = segments.same_run(off).unsqueeze(-1).to(x.dtype)
+            y = y + w[:, j] * (shifted * keep)
+        return y
 
 
 class GridConv(nn.Module):

@@ -5,6 +5,11 @@ per-node selectivity ``delta = softplus(dt + dt_bias)`` (and per-edge ``delta_e`
 features) -> edge weights ``A_ij = exp(-exp(A_log) delta_ij)`` -> normalisation -> ``mix`` on every
 DAG of the canonical decomposition (or once on the whole graph) -> sum (+ ``D`` skip) ->
 gated RMSNorm ``norm(y * silu(z))`` -> ``out_proj``.
+
+On lines the mixer also takes variable-length text (an ``attention_mask``, ``cu_seqlens`` or
+``seq_idx``; see :mod:`chimera.varlen`): edges crossing a sentence boundary get weight 0 and the
+convolution's taps stop at the boundary, so padding and neighbouring sentences never reach a
+real token in either direction.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from chimera.norm import (
 from chimera.ops import mix
 from chimera.ops.mix import METHODS
 from chimera.topology import Topology
+from chimera.varlen import Segments, resolve_segments
 
 Sharing = Literal["none", "complete", "rowwise", "diagonal"]
 SHARING_MODES: tuple[str, ...] = ("none", "complete", "rowwise", "diagonal")
@@ -166,6 +172,13 @@ class ChimeraMixer(nn.Module):
             return "ssd"
         return "exact" if dag.num_nodes <= self.dense_max_nodes else "dag_scan"
 
+    def _num_terms(self, method: str, seg: Segments | None) -> int | None:
+        # varlen: K defaults to the diameter of the longest sentence, not of the padded line
+        # (mix's rule for batches of graphs: the largest diameter in the batch); exact on DAGs
+        if self.num_terms is not None or seg is None or method != "neumann":
+            return self.num_terms
+        return max(seg.max_len - 1, 0)
+
     def _check(self, x: Tensor, topology: Topology, edge_attr: Tensor | None) -> None:
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be (batch, T, {self.d_model}), got {tuple(x.shape)}")
@@ -187,19 +200,43 @@ class ChimeraMixer(nn.Module):
                 f"edge_attr has {edge_attr.shape[0]} rows, topology has {topology.num_edges} edges"
             )
 
-    def forward(self, x: Tensor, topology: Topology, edge_attr: Tensor | None = None) -> Tensor:
-        """``x (batch, T, d_model)`` over ``topology`` -> ``(batch, T, d_model)``."""
+    def forward(
+        self,
+        x: Tensor,
+        topology: Topology,
+        edge_attr: Tensor | None = None,
+        *,
+        attention_mask: Tensor | None = None,
+        seq_idx: Tensor | None = None,
+        cu_seqlens: Tensor | None = None,
+        segments: Segments | None = None,
+    ) -> Tensor:
+        """``x (batch, T, d_model)`` over ``topology`` -> ``(batch, T, d_model)``.
+
+        Variable-length text on a line (:mod:`chimera.varlen`): ``attention_mask (batch, T)``
+        (1 = real token), ``cu_seqlens`` (one packed row), ``seq_idx (batch, T)``, or prebuilt
+        ``segments``. Outputs at padding positions are unspecified (but finite).
+        """
         topology = topology.to(x.device)
         if edge_attr is None:
             edge_attr = topology.edge_attr if self.edge_proj is not None else None
         self._check(x, topology, edge_attr)
+        seg = resolve_segments(x, segments=segments, attention_mask=attention_mask,
+                               seq_idx=seq_idx, cu_seqlens=cu_seqlens)
+        if seg is not None and self.conv_kind not in ("line", "causal_line"):
+            raise ValueError(
+                "attention_mask / seq_idx / cu_seqlens are for line topologies (text); for "
+                f"batches of '{self.conv_kind}' topologies use a batched Topology instead")
         b, T, _ = x.shape
         h, P, N, ng = self.nheads, self.headdim, self.d_state, self.num_groups
 
         proj = self.in_proj(x)
         z, xbc, dt, psi = torch.split(
             proj, [self.d_inner, self.conv_dim, ng * h, self.n_psi], dim=-1)
-        xbc = F.silu(self.local_conv(xbc, topology))
+        if seg is None:
+            xbc = F.silu(self.local_conv(xbc, topology))
+        else:
+            xbc = F.silu(self.local_conv(xbc, topology, segments=seg))
         v, Bs, Cs = torch.split(xbc, [self.d_inner, ng * N, ng * N], dim=-1)
         V = v.reshape(b, T, h, P)
         Bs, Cs = Bs.reshape(b, T, ng, N), Cs.reshape(b, T, ng, N)
@@ -223,17 +260,24 @@ class ChimeraMixer(nn.Module):
                 ids = dag.parent_edge if dag.parent_edge is not None else slice(None)
                 de = delta_edge[ids, g].T.unsqueeze(0).expand(b, -1, -1)
             log_w = edge_log_weight(edge_selectivity(d_g, dag, de, self.edge_mode), self.A_log)
+            # varlen: edges across a sentence boundary are absent (weight exactly 0)
+            keep = None if seg is None else seg.edge_keep(dag)
             if self.resolvent == "dag":
-                w, scale = dag_normalize(log_w, d_g, dag, self.dag_norm)
-            elif self.general_norm == "row":
-                w, scale = row_normalize(torch.exp(log_w), psi.reshape(b, T, h), dag,
-                                         self.gamma), d_g
+                w, scale = dag_normalize(log_w, d_g, dag, self.dag_norm, edge_mask=keep)
             else:
-                w, scale = two_cycle_normalize(torch.exp(log_w), dag, self.gamma), d_g
+                w = torch.exp(log_w)
+                if keep is not None:
+                    w = torch.where(keep.unsqueeze(1), w, 0.0)
+                if self.general_norm == "row":
+                    w = row_normalize(w, psi.reshape(b, T, h), dag, self.gamma)
+                else:
+                    w = two_cycle_normalize(w, dag, self.gamma)
+                scale = d_g
             Bg = Bs[:, :, g, None, :].expand(b, T, h, N)
             Cg = Cs[:, :, g, None, :].expand(b, T, h, N)
-            y_k = mix(V * scale.unsqueeze(-1), Bg, Cg, w, dag, method=self._method_for(dag),
-                      num_terms=self.num_terms, chunk_size=self.chunk_size)
+            method = self._method_for(dag)
+            y_k = mix(V * scale.unsqueeze(-1), Bg, Cg, w, dag, method=method,
+                      num_terms=self._num_terms(method, seg), chunk_size=self.chunk_size)
             y = y_k if y is None else y + y_k
         if self.dag_sum == "sqrt":
             y = y / math.sqrt(len(dags))

@@ -62,6 +62,7 @@ def dag_normalize(
     delta: Tensor,
     topology: Topology,
     divisor: Literal["count", "sqrt"] = "count",
+    edge_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Normalised DAG weights and the per-node input scale (paper eq. 16).
 
@@ -70,24 +71,38 @@ def dag_normalize(
         delta: node selectivities ``(b, T, h)`` (used for roots).
         divisor: ``"count"`` divides by ``|p(i)|`` (eq. 14/16, the paper); ``"sqrt"`` by
             ``sqrt(|p(i)|)`` (the released ImageNet code).
+        edge_mask: optional ``(b, E)`` bool, False for edges that are absent in that batch row
+            (cut at a sentence boundary, :mod:`chimera.varlen`): their weight is exactly 0 and
+            they do not count in ``|p(i)|``, so a node whose parents are all cut is a root.
 
     Returns:
         ``edge_weight (b, h, E)`` and ``input_scale (b, T, h)``, the factor multiplying
         ``B_i v_i`` (apply it to ``V``: ``(L ∘ C (sB)ᵀ) V = (L ∘ C Bᵀ)(s V)``).
     """
-    indeg = topology.in_degree.to(log_weight.dtype)
+    dst = topology.dst
+    if edge_mask is None:
+        indeg = topology.in_degree.to(log_weight.dtype)  # (T,)
+        keep = None
+    else:
+        if edge_mask.shape != (log_weight.shape[0], topology.num_edges):
+            raise ValueError(f"edge_mask must be (batch, E) = ({log_weight.shape[0]}, "
+                             f"{topology.num_edges}), got {tuple(edge_mask.shape)}")
+        keep = edge_mask.unsqueeze(1)  # (b, 1, E)
+        indeg = segment_sum(keep.to(log_weight.dtype), dst, topology.num_nodes)  # (b, 1, T)
     if divisor == "count":
         div = indeg.clamp(min=1)
     elif divisor == "sqrt":
         div = indeg.clamp(min=1).sqrt()
     else:
         raise ValueError(f"unknown DAG normaliser {divisor!r}; use 'count' or 'sqrt'")
-    dst = topology.dst
-    weight = torch.exp(log_weight) / div[dst]
+    weight = torch.exp(log_weight) / div[..., dst]
+    neg_log = -log_weight
+    if keep is not None:
+        weight = torch.where(keep, weight, 0.0)
+        neg_log = torch.where(keep, neg_log, 0.0)
     # B~_i = (1/|p(i)|) sum_j (-ln A_ij) B_i; roots: delta_i B_i (Mamba's discretisation)
-    scale = segment_sum(-log_weight, dst, topology.num_nodes) / div
-    is_root = (topology.in_degree == 0)[None, None, :]
-    scale = torch.where(is_root, delta.transpose(1, 2), scale)
+    scale = segment_sum(neg_log, dst, topology.num_nodes) / div
+    scale = torch.where(indeg == 0, delta.transpose(1, 2), scale)
     return weight, scale.transpose(1, 2)
 
 

@@ -1,7 +1,9 @@
 """Backbones built from :class:`chimera.ChimeraBlock`, usable on their own.
 
 Importing this package registers the Chimera-ViT variants with timm, so that
-``timm.create_model("chimera_vit_base_patch16_224")`` works afterwards.
+``timm.create_model("chimera_vit_base_patch16_224")`` works afterwards. The graph models
+(:mod:`chimera.models.graph`, which needs torch_geometric) are exported lazily: importing this
+package does not import torch_geometric.
 """
 
 from chimera.models.vit import (
@@ -21,3 +23,22 @@ __all__ = [
     "chimera_vit_small_patch16_224",
     "chimera_vit_tiny_patch16_224",
 ]
+
+# graph models: resolved on first access so that torch_geometric stays optional
+_GRAPH_EXPORTS = (
+    "ChimeraGPSLayer",
+    "ChimeraGraphConv",
+    "GatedGCNConv",
+    "GraphModel",
+    "build_lrgb_model",
+    "graph_topology",
+)
+__all__ += list(_GRAPH_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _GRAPH_EXPORTS:
+        from chimera.models import graph
+
+        return getattr(graph, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

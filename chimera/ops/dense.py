@@ -16,6 +16,7 @@ from torch import Tensor
 from chimera.ops.linalg import (
     general_inverse_of_i_minus,
     neumann_sum,
+    neumann_sum_per_block,
     squaring_steps_for_nilpotent,
 )
 from chimera.ops.scan import dag_resolvent_rows
@@ -105,8 +106,15 @@ def resolvent_dag_rows(edge_weight: Tensor, topo: Topology, layout: BlockLayout)
     return L.view(layout.num_graphs, layout.n_max, b, h, layout.n_max).permute(2, 0, 3, 1, 4)
 
 
-def resolvent_neumann(A: Tensor, num_terms: int) -> Tensor:
-    """``L̂ = sum_{k=0}^{K} A^k`` (paper eq. 17), K = ``num_terms``."""
+def resolvent_neumann(A: Tensor, num_terms: int | Tensor) -> Tensor:
+    """``L̂ = sum_{k=0}^{K} A^k`` (paper eq. 17), K = ``num_terms``: one int, or a
+    ``(num_graphs,)`` tensor with one K per graph block of ``A (b, G, H, n, n)``."""
+    if isinstance(num_terms, Tensor):
+        if num_terms.shape != (A.shape[1],):
+            raise ValueError(
+                f"per-graph num_terms must have shape ({A.shape[1]},) (one K per graph), "
+                f"got {tuple(num_terms.shape)}")
+        return neumann_sum_per_block(A, num_terms.view(1, -1, 1))
     return neumann_sum(A, num_terms)
 
 

@@ -63,6 +63,34 @@ def neumann_sum(A: Tensor, K: int) -> Tensor:
     return S
 
 
+def neumann_sum_per_block(A: Tensor, K: Tensor) -> Tensor:
+    """``sum_{k=0}^{K_g} A_g^k`` with a different number of terms per block of ``A``.
+
+    ``A (..., n, n)``; ``K`` holds non-negative integers and broadcasts against ``A.shape[:-2]``
+    (e.g. ``(1, G, 1)`` for blocks ``(b, G, H, n, n)``: one ``K`` per graph of a batch, as the
+    paper's ``K = dia(G)`` is per graph). With ``m_g = K_g + 1`` terms written in binary, the
+    powers ``Q_j = A^(2^j)`` and the sums ``T_j = sum_{k < 2^j} A^k`` (``T_{j+1} = T_j (I + Q_j)``)
+    are shared by all blocks, and each block adds ``P T_j`` (``P`` = the power reached so far) for
+    the bits of its own ``m_g``: about twice the products of :func:`neumann_sum`, still
+    ``O(log max K)``.
+    """
+    K = torch.as_tensor(K, device=A.device)
+    if K.numel() and int(K.min()) < 0:
+        raise ValueError(f"the number of Neumann terms must be >= 0, got min K={int(K.min())}")
+    m = (K.long() + 1).expand(A.shape[:-2])[..., None, None]
+    eye = eye_like(A)
+    S = torch.zeros_like(A)
+    P = eye.expand_as(A)
+    T, Q = eye.expand_as(A), A
+    for j in range(int(m.max()).bit_length() if m.numel() else 0):
+        bit = ((m >> j) & 1).bool()
+        S = torch.where(bit, S + P @ T, S)
+        P = torch.where(bit, P @ Q, P)
+        T = T + T @ Q
+        Q = Q @ Q
+    return S
+
+
 def squaring_steps_for_nilpotent(longest_path: int) -> int:
     """Number of factors in ``(I + A)(I + A^2)...(I + A^(2^(s-1)))`` that makes it exact for a
     DAG whose longest path has ``longest_path`` edges (``A^(longest_path + 1) = 0``)."""

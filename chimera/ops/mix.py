@@ -66,7 +66,7 @@ def mix(
     edge_weight: Tensor,
     topology: Topology,
     method: Method = "exact",
-    num_terms: int | None = None,
+    num_terms: int | Tensor | None = None,
     chunk_size: int = 64,
 ) -> Tensor:
     """``Y = (L ∘ C Bᵀ) V`` per head, ``L = (I - A)^-1``, ``A[i, j] = edge_weight`` of ``j -> i``.
@@ -78,7 +78,8 @@ def mix(
         topology: the graph (or batch of graphs); for several graphs all ``T`` nodes of the
             batch are on the node axis and the batch axis holds independent inputs.
         method: see the module docstring.
-        num_terms: ``K`` for ``neumann`` (default: the largest diameter in the batch).
+        num_terms: ``K`` for ``neumann``: an int, or a ``(num_graphs,)`` tensor with one ``K``
+            per graph of the batch (default: the largest diameter in the batch).
         chunk_size: chunk length for ``ssd``.
 
     Returns:
@@ -111,7 +112,7 @@ def mix(
 
 
 def resolvent(edge_weight: Tensor, topology: Topology, method: Method = "exact",
-              num_terms: int | None = None) -> tuple[Tensor, dense.BlockLayout]:
+              num_terms: int | Tensor | None = None) -> tuple[Tensor, dense.BlockLayout]:
     """The dense mask ``L (batch, G, H, n, n)`` per graph block and the block layout."""
     if method not in ("reference", "exact", "neumann", "dag_dense"):
         raise ValueError(f"method {method!r} does not materialise L")
@@ -127,7 +128,12 @@ def resolvent(edge_weight: Tensor, topology: Topology, method: Method = "exact",
     elif method == "exact":
         L = dense.resolvent_exact(A)
     elif method == "neumann":
-        K = topology.max_diameter() if num_terms is None else int(num_terms)
+        if num_terms is None:
+            K = topology.max_diameter()
+        elif isinstance(num_terms, Tensor):
+            K = num_terms.to(A.device)  # one K per graph block
+        else:
+            K = int(num_terms)
         L = dense.resolvent_neumann(A, K)
     else:
         L = dense.resolvent_dag_squaring(A, int(topology.longest_path().max()))

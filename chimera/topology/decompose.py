@@ -63,8 +63,17 @@ def bfs_depth(topo: Topology, roots: Tensor | None = None) -> Tensor:
     """BFS depth of every node on the undirected view of ``topo``.
 
     One BFS per connected component, started from ``roots`` where given (one node id per graph of
-    the batch) and otherwise from the smallest node id of the component.
+    the batch) and otherwise from the smallest node id of the component. Vectorised over all
+    components (:func:`chimera.topology.structure.bfs_depth_fast`); the sequential
+    :func:`bfs_depth_reference` is its test oracle.
     """
+    from chimera.topology.structure import bfs_depth_fast
+
+    return bfs_depth_fast(topo.edge_index, topo.num_nodes, roots).to(topo.device)
+
+
+def bfs_depth_reference(topo: Topology, roots: Tensor | None = None) -> Tensor:
+    """The sequential BFS behind :func:`bfs_depth` (the test oracle)."""
     n = topo.num_nodes
     nbrs: list[list[int]] = [[] for _ in range(n)]
     for s, d in zip(topo.src.cpu().tolist(), topo.dst.cpu().tolist(), strict=True):
@@ -88,9 +97,20 @@ def bfs_depth(topo: Topology, roots: Tensor | None = None) -> Tensor:
     return torch.tensor(depth, dtype=torch.long, device=topo.device)
 
 
-def bfs_dags(topo: Topology, roots: Tensor | None = None) -> list[Topology]:
-    """The downward and upward BFS-depth DAGs of a general graph (see module docstring)."""
-    depth = bfs_depth(topo, roots)
+def bfs_dags(topo: Topology, roots: Tensor | None = None,
+             depth: Tensor | None = None) -> list[Topology]:
+    """The downward and upward BFS-depth DAGs of a general graph (see module docstring).
+
+    ``depth`` takes BFS depths computed beforehand (e.g. once per dataset by
+    ``tasks.graph.transforms.ChimeraStructure``) instead of running the BFS here.
+    """
+    if depth is None:
+        depth = bfs_depth(topo, roots)
+    else:
+        depth = torch.as_tensor(depth, device=topo.device).long()
+        if depth.shape != (topo.num_nodes,):
+            raise ValueError(
+                f"depth must have one entry per node ({topo.num_nodes}), got {tuple(depth.shape)}")
     ds, dd = depth[topo.src], depth[topo.dst]
     down = torch.nonzero(ds < dd).flatten()
     up = torch.nonzero(ds > dd).flatten()
@@ -101,6 +121,10 @@ def bfs_dags(topo: Topology, roots: Tensor | None = None) -> list[Topology]:
 
 
 def canonical_dags(topo: Topology) -> list[Topology]:
+    if topo.kind == "graph" and topo.num_edges == 0:
+        # a batch of edgeless graphs is trivially a DAG, but to a general-graph mixer it is the
+        # degenerate BFS pair (two empty DAGs), like every other undirected graph
+        return bfs_dags(topo)
     if topo.is_dag:
         return [topo]
     if topo.kind == "line":

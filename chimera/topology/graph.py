@@ -244,11 +244,21 @@ class Topology:
         edge directions) between two nodes of the same graph that are connected by a path.
 
         For Prop. 4.6 this is the number of Neumann terms that reaches every pair ``(i, j)``
-        with ``L_ij > 0``. Constructors with a closed form (lines, grids) pre-fill it.
+        with ``L_ij > 0``. Constructors with a closed form (lines, grids) pre-fill it; other
+        graphs use the vectorised bit-parallel BFS of
+        :func:`chimera.topology.structure.graph_diameters` (datasets can compute it once and
+        pre-fill it, see :func:`chimera.models.graph.graph_topology`).
         """
-        return self._cached("diameter", self._bfs_diameter)
+
+        def build() -> Tensor:
+            from chimera.topology.structure import graph_diameters
+
+            return graph_diameters(self.edge_index, self.num_nodes, self.batch)
+
+        return self._cached("diameter", build)
 
     def _bfs_diameter(self) -> Tensor:
+        """The sequential per-node BFS: the test oracle of :meth:`diameter`."""
         n = self.num_nodes
         src, dst = self.src.cpu().tolist(), self.dst.cpu().tolist()
         children: list[list[int]] = [[] for _ in range(n)]

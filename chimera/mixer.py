@@ -29,7 +29,7 @@ from chimera.norm import (
     row_normalize,
     two_cycle_normalize,
 )
-from chimera.ops import mix
+from chimera.ops import mix, mix_sum
 from chimera.ops.mix import METHODS
 from chimera.topology import Topology
 from chimera.varlen import Segments, resolve_segments
@@ -150,17 +150,30 @@ class ChimeraMixer(nn.Module):
         self.local_conv = make_local_conv(conv, self.conv_dim, d_conv)
         self.edge_proj = nn.Linear(edge_dim, ng * self.nheads, bias=True) if edge_dim else None
 
-        # dt initialised log-uniformly in [dt_min, dt_max] through softplus^-1 (as Mamba-2)
-        dt = torch.exp(torch.rand(self.nheads) * (math.log(dt_max) - math.log(dt_min))
-                       + math.log(dt_min)).clamp(min=dt_init_floor)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))
-        # Chimera initialises A_log = 0, i.e. a_h = -1 (A_init = 1)
-        self.A_log = nn.Parameter(torch.full((self.nheads,), math.log(A_init)))
-        self.D = nn.Parameter(torch.ones(self.nheads))
+        self._ssm_init = dict(dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor,
+                              A_init=A_init)
+        init = self.ssm_parameter_init()
+        self.dt_bias = nn.Parameter(init["dt_bias"])
+        self.A_log = nn.Parameter(init["A_log"])
+        self.D = nn.Parameter(init["D"])
         for p in (self.dt_bias, self.A_log, self.D):
             p._no_weight_decay = True
         self.norm = nn.RMSNorm(self.d_inner, eps=1e-5)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    def ssm_parameter_init(self) -> dict[str, Tensor]:
+        """Fresh initial values of ``dt_bias``, ``A_log`` and ``D`` (for model wrappers whose
+        weight init runs after construction, e.g. Hugging Face's ``_init_weights``)."""
+        c = self._ssm_init
+        lo, hi = math.log(c["dt_min"]), math.log(c["dt_max"])
+        # dt initialised log-uniformly in [dt_min, dt_max] through softplus^-1 (as Mamba-2)
+        dt = torch.exp(torch.rand(self.nheads) * (hi - lo) + lo).clamp(min=c["dt_init_floor"])
+        return {
+            "dt_bias": dt + torch.log(-torch.expm1(-dt)),
+            # Chimera initialises A_log = 0, i.e. a_h = -1 (A_init = 1)
+            "A_log": torch.full((self.nheads,), math.log(c["A_init"])),
+            "D": torch.ones(self.nheads),
+        }
 
     # ------------------------------------------------------------------
     def _method_for(self, dag: Topology) -> str:
@@ -253,6 +266,7 @@ class ChimeraMixer(nn.Module):
                 f"{self.num_dags}"
             )
         y = None
+        parts = []
         for dag, g in zip(dags, self.groups, strict=True):
             d_g = delta[:, :, g]
             de = None
@@ -273,9 +287,15 @@ class ChimeraMixer(nn.Module):
                 else:
                     w = two_cycle_normalize(w, dag, self.gamma)
                 scale = d_g
+            parts.append((dag, g, w, scale, self._method_for(dag)))
+        if all(p[4] == "exact" for p in parts):
+            # one call for all DAGs: on a grid, the corners' masks are merged per B/C group and
+            # mixed in one SMA (chimera.ops.grid.mix_grid_corners); elsewhere the same as below
+            y = mix_sum(V, Bs, Cs, [p[2] for p in parts], dags, self.groups,
+                        [p[3] for p in parts], method="exact")
+        for dag, g, w, scale, method in parts if y is None else ():
             Bg = Bs[:, :, g, None, :].expand(b, T, h, N)
             Cg = Cs[:, :, g, None, :].expand(b, T, h, N)
-            method = self._method_for(dag)
             y_k = mix(V * scale.unsqueeze(-1), Bg, Cg, w, dag, method=method,
                       num_terms=self._num_terms(method, seg), chunk_size=self.chunk_size)
             y = y_k if y is None else y + y_k

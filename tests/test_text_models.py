@@ -318,3 +318,13 @@ def test_count_parameters_counts_tied_weights_once():
     assert count_parameters(m) == total
     dup = sum(p.numel() for _, p in m.named_parameters(remove_duplicate=False))
     assert dup - total == V * 32  # the decoder's tied weight
+
+
+def test_package_exports_text_models_and_hf_lazily():
+    import chimera.models as models
+
+    assert models.ChimeraTextMLM is ChimeraTextMLM
+    assert models.text_preset("chimera_text_70m")["n_layer"] == 12
+    assert models.ChimeraTextConfig is ChimeraTextConfig
+    assert models.load_mlm_into_classifier is load_mlm_into_classifier
+    assert "ChimeraTextForMaskedLM" in models.__all__

@@ -29,7 +29,7 @@ from chimera.norm import (
     row_normalize,
     two_cycle_normalize,
 )
-from chimera.ops import mix, mix_sum
+from chimera.ops import mix
 from chimera.ops.mix import METHODS
 from chimera.topology import Topology
 from chimera.varlen import Segments, resolve_segments
@@ -177,6 +177,9 @@ class ChimeraMixer(nn.Module):
 
     # ------------------------------------------------------------------
     def _method_for(self, dag: Topology) -> str:
+        if self.method == "ssd" and dag.num_edges == 0:
+            # a one-token line has no edge, hence no direction for SSD; the scan is the identity
+            return "dag_scan"
         if self.method != "auto":
             return self.method
         if self.resolvent == "general":
@@ -184,6 +187,16 @@ class ChimeraMixer(nn.Module):
         if dag.num_graphs == 1 and dag.line_direction() != 0:
             return "ssd"
         return "exact" if dag.num_nodes <= self.dense_max_nodes else "dag_scan"
+
+    def _dags(self, topology: Topology) -> list[Topology]:
+        if self.resolvent != "dag":
+            return [topology]
+        dags = topology.dags()
+        if self.conv_kind == "line" and topology.num_edges == 0 and len(dags) == 1:
+            # a one-token undirected line has no edge, so it is its own DAG; mix it as the pair
+            # of (edgeless) directed lines the two parameter groups expect
+            dags = [topology, topology]
+        return dags
 
     def _num_terms(self, method: str, seg: Segments | None) -> int | None:
         # varlen: K defaults to the diameter of the longest sentence, not of the padded line
@@ -201,7 +214,9 @@ class ChimeraMixer(nn.Module):
                 f"{topology.num_nodes} nodes"
             )
         kind = conv_kind_for(topology)
-        if kind != self.conv_kind:
+        # a one-token line has no edge to tell a directed line from an undirected one
+        one_token_line = topology.kind == "line" and topology.num_edges == 0
+        if kind != self.conv_kind and not (one_token_line and "line" in self.conv_kind):
             raise ValueError(
                 f"this mixer was built for '{self.conv_kind}' topologies, got '{topology.name}' "
                 f"(a '{kind}' topology)"
@@ -259,14 +274,13 @@ class ChimeraMixer(nn.Module):
             delta_edge = F.softplus(self.edge_proj(edge_attr.to(x.dtype)))  # (E, groups*h)
             delta_edge = delta_edge.reshape(-1, ng, h)
 
-        dags = topology.dags() if self.resolvent == "dag" else [topology]
+        dags = self._dags(topology)
         if len(dags) != self.num_dags:
             raise ValueError(
                 f"topology '{topology.name}' decomposes into {len(dags)} DAGs, this mixer expects "
                 f"{self.num_dags}"
             )
         y = None
-        parts = []
         for dag, g in zip(dags, self.groups, strict=True):
             d_g = delta[:, :, g]
             de = None
@@ -287,15 +301,9 @@ class ChimeraMixer(nn.Module):
                 else:
                     w = two_cycle_normalize(w, dag, self.gamma)
                 scale = d_g
-            parts.append((dag, g, w, scale, self._method_for(dag)))
-        if all(p[4] == "exact" for p in parts):
-            # one call for all DAGs: on a grid, the corners' masks are merged per B/C group and
-            # mixed in one SMA (chimera.ops.grid.mix_grid_corners); elsewhere the same as below
-            y = mix_sum(V, Bs, Cs, [p[2] for p in parts], dags, self.groups,
-                        [p[3] for p in parts], method="exact")
-        for dag, g, w, scale, method in parts if y is None else ():
             Bg = Bs[:, :, g, None, :].expand(b, T, h, N)
             Cg = Cs[:, :, g, None, :].expand(b, T, h, N)
+            method = self._method_for(dag)
             y_k = mix(V * scale.unsqueeze(-1), Bg, Cg, w, dag, method=method,
                       num_terms=self._num_terms(method, seg), chunk_size=self.chunk_size)
             y = y_k if y is None else y + y_k

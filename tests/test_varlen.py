@@ -15,7 +15,7 @@ from chimera.local_conv import LineConv
 from chimera.varlen import Segments
 
 D = 32
-LENGTHS = (3, 9, 6)  # shorter and longer than the conv width 7
+LENGTHS = (3, 9, 1, 6)  # shorter and longer than the conv width 7, and one token
 SMALL = dict(d_state=8, headdim=16, d_conv=7, chunk_size=4)
 
 # (resolvent, method, general_norm): the DAG variant with every line algorithm, and UG

@@ -67,6 +67,17 @@ def test_encoder_sentence_alone_equals_padded_and_packed(variant):
         torch.testing.assert_close(h[:, cu[k]:cu[k + 1]], w, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["dag", "ug"])
+def test_one_token_inputs(variant):
+    torch.manual_seed(0)
+    m = ChimeraTextMLM(**TINY, variant=variant).eval()
+    assert m(torch.tensor([[5], [7]]))["logits"].shape == (2, 1, V)
+    # and a one-token sentence packed between others equals it alone
+    ids = torch.tensor([[3, 4, 5, 9, 6, 7]])
+    out = m(ids, cu_seqlens=torch.tensor([0, 3, 4, 6]))["logits"]
+    torch.testing.assert_close(out[:, 3:4], m(ids[:, 3:4])["logits"], atol=1e-5, rtol=0)
+
+
 def test_mlm_head_is_tied_and_sparse_logits_match():
     torch.manual_seed(0)
     m = ChimeraTextMLM(**TINY).eval()
@@ -299,8 +310,18 @@ def test_hf_outputs_hidden_states_and_rejects_attention_arguments():
     out = mlm(ids, mask, output_hidden_states=True)
     assert len(out.hidden_states) == 3  # embeddings + 2 blocks
     assert isinstance(mlm(ids, mask, return_dict=False), tuple)
-    with pytest.raises(TypeError, match="position_ids"):
+    with pytest.raises(ValueError, match="no position_ids"):
         mlm(ids, mask, position_ids=torch.arange(11)[None])
+    with pytest.raises(ValueError, match="no attention weights"):
+        mlm(ids, mask, output_attentions=True)
+    # nothing masked: a zero loss, not NaN (as the plain model)
+    assert mlm(ids, mask, labels=torch.full_like(ids, -100)).loss.item() == 0.0
+    # HF's Trainer passes extra loss kwargs only to models whose forward takes **kwargs
+    import inspect
+
+    for cls in (ChimeraTextModel, ChimeraTextForMaskedLM, ChimeraTextForSequenceClassification):
+        kinds = {p.kind for p in inspect.signature(cls.forward).parameters.values()}
+        assert inspect.Parameter.VAR_KEYWORD not in kinds
 
 
 def test_hf_module_imports_neither_lightning_nor_hydra():

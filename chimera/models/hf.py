@@ -50,6 +50,7 @@ from chimera.models.text import (
     TextPooler,
     classification_loss,
     init_text_weights,
+    mlm_loss,
     text_preset,
 )
 
@@ -169,11 +170,12 @@ class ChimeraTextModel(ChimeraTextPreTrainedModel):
         cu_seqlens: Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs: Any,
+        position_ids: Tensor | None = None,
+        output_attentions: bool | None = None,
     ) -> BaseModelOutput | tuple:
         """``attention_mask`` (1 = real token) or packed ``cu_seqlens`` / ``seq_idx``
         (:mod:`chimera.varlen`); there are no attentions to output."""
-        _reject_unknown(kwargs)
+        _reject_attention_arguments(position_ids, output_attentions)
         want_states = (output_hidden_states if output_hidden_states is not None
                        else self.config.output_hidden_states)
         out = self.encoder(input_ids, attention_mask, token_type_ids, inputs_embeds,
@@ -216,18 +218,18 @@ class ChimeraTextForMaskedLM(ChimeraTextPreTrainedModel):
         cu_seqlens: Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs: Any,
+        position_ids: Tensor | None = None,
+        output_attentions: bool | None = None,
     ) -> MaskedLMOutput | tuple:
         """``labels (batch, T)``: token ids at masked positions, -100 elsewhere (ignored)."""
-        _reject_unknown(kwargs)
+        _reject_attention_arguments(position_ids, output_attentions)
         out = self.chimera(input_ids, attention_mask, token_type_ids, inputs_embeds,
                            seq_idx=seq_idx, cu_seqlens=cu_seqlens,
                            output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.lm_head(out.last_hidden_state)
         loss = None
         if labels is not None:
-            loss = nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]).float(),
-                                               labels.view(-1), ignore_index=-100)
+            loss = mlm_loss(logits, labels)
         if not _return_dict(self.config, return_dict):
             rest = (logits,) if out.hidden_states is None else (logits, out.hidden_states)
             return rest if loss is None else (loss, *rest)
@@ -261,9 +263,10 @@ class ChimeraTextForSequenceClassification(ChimeraTextPreTrainedModel):
         labels: Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs: Any,
+        position_ids: Tensor | None = None,
+        output_attentions: bool | None = None,
     ) -> SequenceClassifierOutput | tuple:
-        _reject_unknown(kwargs)
+        _reject_attention_arguments(position_ids, output_attentions)
         out = self.chimera(input_ids, attention_mask, token_type_ids, inputs_embeds,
                            output_hidden_states=output_hidden_states, return_dict=True)
         pooled = self.pooler(out.last_hidden_state, attention_mask)
@@ -283,14 +286,15 @@ def _return_dict(config: PreTrainedConfig, return_dict: bool | None) -> bool:
     return return_dict if return_dict is not None else getattr(config, "return_dict", True)
 
 
-def _reject_unknown(kwargs: Mapping[str, Any]) -> None:
-    # HF pipelines/trainers pass attention-only arguments; an attention-free model has none of
-    # them, and silently dropping e.g. position_ids would hide a caller's mistake
-    ignored = {"output_attentions"}
-    bad = sorted(k for k, v in kwargs.items() if k not in ignored and v is not None)
-    if bad:
-        raise TypeError(f"unexpected arguments for a Chimera text model: {bad} (there are no "
-                        "position ids or attention heads)")
+def _reject_attention_arguments(position_ids: Tensor | None,
+                                output_attentions: bool | None) -> None:
+    # named (not swallowed by **kwargs) so that callers learn at once that they do not apply;
+    # no **kwargs also keeps HF's Trainer from passing loss kwargs it would expect us to use
+    if position_ids is not None:
+        raise ValueError("Chimera text models take no position_ids: the line topology is the "
+                         "only positional signal")
+    if output_attentions:
+        raise ValueError("Chimera text models have no attention weights to output")
 
 
 # --- registration with the Auto classes ---------------------------------------------------

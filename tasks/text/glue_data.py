@@ -60,7 +60,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from tasks.text.hub import DataNotFoundError, require_hub
+from tasks.text.hub import DataNotFoundError, HubUnavailableError, hub_offline, require_hub
 from tasks.text.tokenizer import WORDPIECE, load_tokenizer
 
 HF_GLUE = "nyu-mll/glue"
@@ -303,12 +303,25 @@ def read_hf_split(task: str | GlueTask, split: str, hf_path: str = HF_GLUE,
     import datasets
 
     task = glue_task(task) if isinstance(task, str) else task
-    if not os.path.isdir(os.path.expanduser(hf_path)):
-        require_hub(hf_path, "dataset", f"data.source=hf (data.hf_path={hf_path!r})",
-                    "set data.source=local and data.glue_dir=/path/to/glue (the task folders "
-                    "as GLUE publishes them; see tasks/text/glue_data.py).", offline=offline)
-    ds = datasets.load_dataset(os.path.expanduser(hf_path), task.name, split=split,
-                               cache_dir=cache_dir)
+    path = os.path.expanduser(hf_path)
+    if os.path.isdir(path):
+        ds = datasets.load_dataset(path, task.name, split=split, cache_dir=cache_dir)
+    else:
+        try:
+            require_hub(hf_path, "dataset", f"data.source=hf (data.hf_path={hf_path!r})",
+                        "set data.source=local and data.glue_dir=/path/to/glue (the task "
+                        "folders as GLUE publishes them; see tasks/text/glue_data.py).",
+                        offline=offline)
+        except HubUnavailableError as e:
+            if not hub_offline():
+                raise
+            # HF_DATASETS_OFFLINE / HF_HUB_OFFLINE: datasets reads its cache only, at once
+            try:
+                ds = datasets.load_dataset(hf_path, task.name, split=split, cache_dir=cache_dir)
+            except Exception as cache_error:
+                raise e from cache_error
+        else:
+            ds = datasets.load_dataset(hf_path, task.name, split=split, cache_dir=cache_dir)
     a, b = task.hf_columns
     missing = [c for c in (a, b, "label") if c is not None and c not in ds.column_names]
     if missing:
@@ -407,6 +420,7 @@ class GLUEDataModule(L.LightningDataModule):
         self.keys = ("input_ids", "attention_mask") + (("token_type_ids",)
                                                        if token_type_ids else ())
         self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._train_gen: torch.Generator | None = None
         self.datasets: dict[str, Any] = {}
         self.stats: dict[str, dict[str, int]] = {}
 
@@ -509,7 +523,10 @@ class GLUEDataModule(L.LightningDataModule):
                                f"split here; splits: {sorted(self.datasets)}")
         if self.num_workers > 0:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        gen = torch.Generator().manual_seed(self.seed) if train else None
+        if train and self._train_gen is None:
+            # one generator per module: a rebuilt loader continues the order, not replays it
+            self._train_gen = torch.Generator().manual_seed(self.seed)
+        gen = self._train_gen if train else None
         return DataLoader(self.datasets[split], batch_size=self.batch_size if train
                           else self.eval_batch_size, shuffle=train, generator=gen,
                           collate_fn=self._collate(), num_workers=self.num_workers,

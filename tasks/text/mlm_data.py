@@ -388,7 +388,7 @@ class MLMDataModule(L.LightningDataModule):
     # -- tokenizer -------------------------------------------------------------------------
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        """Loaded on first use (training a WordPiece vocabulary takes ~1.5 s, once)."""
+        """Loaded on first use (training the WordPiece vocabulary takes seconds, once)."""
         if self._tokenizer is None:
             tok = load_tokenizer(self.tokenizer_spec, self.vocab_size_wordpiece,
                                  self.tokenizer_cache_dir, self.offline)
@@ -441,7 +441,8 @@ class MLMDataModule(L.LightningDataModule):
             self._setup_in_memory()
 
     def _encode_all(self, docs: Sequence[str]) -> tuple[list[list[int]], int]:
-        """Rows of a list of documents, and the number of text tokens they held."""
+        """Rows of a list of documents, and the number of text tokens in them (``pack``: every
+        token of the documents; ``truncate``: the tokens kept)."""
         if self.packing == "truncate":
             rows: list[list[int]] = []
             for i in range(0, len(docs), _ENCODE_BATCH):
@@ -463,9 +464,8 @@ class MLMDataModule(L.LightningDataModule):
             docs = list(load_embedded_corpus())
             train_docs, val_docs = split_documents(docs, self.val_docs, self.data_seed)
         else:
-            fmt = file_format(resolve_files(self.data_files, "data.data_files"),
-                              self.file_format)
-            train_docs = read_documents(resolve_files(self.data_files, "data.data_files"), fmt,
+            files = resolve_files(self.data_files, "data.data_files")
+            train_docs = read_documents(files, file_format(files, self.file_format),
                                         self.text_field, self.sample_by, "data.data_files")
             if _as_list(self.val_files):
                 vfiles = resolve_files(self.val_files, "data.val_files")

@@ -201,3 +201,23 @@ def test_grid_corner_dags_take_the_row_sweep_and_others_fall_back():
     ins = random_inputs(partial)
     torch.testing.assert_close(mix(*ins, partial, method="exact"),
                                mix(*ins, partial, method="reference"))
+
+
+def test_dag_scan_saves_no_states_for_backward():
+    """dag_scan recomputes its N x P states in backward: what autograd keeps between forward
+    and backward is the size of the inputs, not T x N x P."""
+    topo = grid(6, 6).dags()[3]
+    V, B, C, w = random_inputs(topo, b=2, h=2, p=8, n=8, dtype=torch.float32)
+    leaves = [t.requires_grad_(True) for t in (V, B, C, w)]
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = mix(*leaves, topo, method="dag_scan")
+    states = topo.num_nodes * 2 * 2 * 8 * 8  # T x (b h) x N x P
+    assert sum(saved) < states / 2
+    y.sum().backward()
+    assert all(t.grad is not None for t in leaves)

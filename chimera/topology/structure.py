@@ -147,17 +147,30 @@ def _chunk_diameters(ei: Tensor, gid: Tensor, pos: Tensor, num_nodes: int, num_g
     one = torch.ones(num_nodes, dtype=torch.long, device=device)
     reach[torch.arange(num_nodes, device=device), pos // _WORD] = one << (pos % _WORD)
     diam = torch.zeros(num_graphs, dtype=torch.long, device=device)
-    rnd = 0
+    n, rnd = num_nodes, 0
     while True:
         rnd += 1
-        new = reach[:num_nodes].clone()
+        new = reach[:n].clone()
         for k in range(nbr.shape[1]):
             new |= reach[nbr[:, k]]
-        grew = (new != reach[:num_nodes]).any(1)
+        grew = (new != reach[:n]).any(1)
         if not bool(grew.any()):
             return diam
         diam[gid[grew]] = rnd
-        reach[:num_nodes] = new
+        reach[:n] = new
+        # a graph none of whose reach sets grew is at its fixed point: drop its nodes (they are
+        # nobody else's parents) once that frees a quarter of the work
+        alive = torch.zeros(num_graphs, dtype=torch.bool, device=device)
+        alive[gid[grew]] = True
+        keep = alive[gid]
+        kept = int(keep.sum())
+        if kept < 0.75 * n:
+            idx = torch.nonzero(keep).flatten()
+            remap = torch.full((n + 1,), kept, dtype=torch.long, device=device)
+            remap[idx] = torch.arange(kept, device=device)
+            nbr = remap[nbr[idx]]
+            reach = torch.cat([reach[idx], reach.new_zeros(1, words)])
+            gid, n = gid[idx], kept
 
 
 @_single_threaded

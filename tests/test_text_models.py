@@ -13,6 +13,7 @@ from chimera.models.hf import (
     ChimeraTextForMaskedLM,
     ChimeraTextForSequenceClassification,
     ChimeraTextModel,
+    load_finetuned_into_classifier,
     load_mlm_into_classifier,
 )
 from chimera.models.text import (
@@ -346,4 +347,26 @@ def test_package_exports_text_models_and_hf_lazily():
     assert models.text_preset("chimera_text_70m")["n_layer"] == 12
     assert models.ChimeraTextConfig is ChimeraTextConfig
     assert models.load_mlm_into_classifier is load_mlm_into_classifier
+    assert models.load_finetuned_into_classifier is load_finetuned_into_classifier
     assert "ChimeraTextForMaskedLM" in models.__all__
+
+
+def test_finetuned_classifier_starts_another_task(tmp_path):
+    # Table 1: RTE / MRPC / STS-B start from the MNLI-finetuned model (3 labels -> 2 or 1)
+    torch.manual_seed(5)
+    mnli = ChimeraTextForSequenceClassification(ChimeraTextConfig(**HF_TINY, num_labels=3))
+    mnli.save_pretrained(tmp_path / "mnli")
+    stsb = ChimeraTextForSequenceClassification(ChimeraTextConfig(**HF_TINY, num_labels=1))
+    report = load_finetuned_into_classifier(stsb, tmp_path / "mnli")
+    assert report == {"new": ["classifier.bias", "classifier.weight"],
+                      "dropped": ["classifier.bias", "classifier.weight"]}
+    assert torch.equal(stsb.pooler.dense.weight, mnli.pooler.dense.weight)
+    for k, v in mnli.chimera.state_dict().items():
+        assert torch.equal(stsb.chimera.state_dict()[k], v), k
+    assert stsb.classifier.weight.shape == (1, 32)
+    # into the plain classifier too; an MLM has no pooler, so it cannot stand in for MNLI
+    plain = ChimeraTextClassifier(num_labels=2, **TINY)
+    load_finetuned_into_classifier(plain, tmp_path / "mnli")
+    assert torch.equal(plain.pooler.dense.bias, mnli.pooler.dense.bias)
+    with pytest.raises(ValueError, match="missing from the checkpoint.*pooler.dense"):
+        load_finetuned_into_classifier(plain, _hf_mlm().state_dict())

@@ -55,6 +55,7 @@ _HF_EXPORTS = (
     "ChimeraTextForMaskedLM",
     "ChimeraTextForSequenceClassification",
     "ChimeraTextModel",
+    "load_finetuned_into_classifier",
     "load_mlm_into_classifier",
 )
 __all__ += list(_HF_EXPORTS)

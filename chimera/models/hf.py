@@ -15,6 +15,8 @@ PyTorch file, Lightning checkpoint, or state dict; plain or Hugging Face key lay
 classifier **strictly**: only the keys listed in :data:`CLASSIFIER_NEW_KEYS` may be missing (they
 are freshly initialised) and only those in :data:`MLM_ONLY_KEYS` may be left over; anything else
 raises. ``from_pretrained`` itself reports the same split in its ``output_loading_info``.
+:func:`load_finetuned_into_classifier` does the same for Table 1's MNLI -> RTE/MRPC/STS-B starts
+(encoder and pooler carried over, a new classifier layer).
 """
 
 from __future__ import annotations
@@ -360,20 +362,45 @@ def load_mlm_into_classifier(
 
     Returns ``{"new": [...], "dropped": [...]}`` (the keys initialised and the keys left out).
     """
+    return _transfer(classifier, source, carried=(), new_keys=new_keys,
+                     dropped_keys=dropped_keys, what="MLM checkpoint")
+
+
+def load_finetuned_into_classifier(
+    classifier: nn.Module,
+    source: str | os.PathLike | Mapping[str, Tensor],
+) -> dict[str, list[str]]:
+    """Start a GLUE task from another task's finetuned classifier (Table 1's recipe: RTE, MRPC
+    and STS-B start from MNLI), strictly: the encoder and the pooler must all come from the
+    checkpoint, the classifier layer is new (its label count usually differs) and the source's
+    classifier layer is the only thing dropped. Same sources and errors as
+    :func:`load_mlm_into_classifier`.
+    """
+    return _transfer(classifier, source, carried=("pooler.",), new_keys=("classifier.",),
+                     dropped_keys=("classifier.",), what="finetuned checkpoint")
+
+
+def _transfer(classifier: nn.Module, source: str | os.PathLike | Mapping[str, Tensor], *,
+              carried: tuple[str, ...], new_keys: tuple[str, ...],
+              dropped_keys: tuple[str, ...], what: str) -> dict[str, list[str]]:
     sd = read_state_dict(source)
     target = classifier.state_dict()
-    src_root = _root_of(list(sd), "the checkpoint")
+    src_root = _root_of(list(sd), f"the {what}")
     dst_root = _root_of(list(target), "the classifier")
     # heads sit beside the base model: a Hugging Face base prefix ("chimera.") is not theirs
-    src_heads = tuple(_head_root(src_root) + p for p in dropped_keys)
-    dst_new = tuple(_head_root(dst_root) + p for p in new_keys)
+    src_head, dst_head = _head_root(src_root), _head_root(dst_root)
+    src_carried = tuple(src_head + p for p in carried)
+    src_dropped = tuple(src_head + p for p in dropped_keys)
+    dst_new = tuple(dst_head + p for p in new_keys)
 
     mapped: dict[str, Tensor] = {}
     dropped, unexpected = [], []
     for k, v in sd.items():
         if k.startswith(src_root + "encoder."):
             mapped[dst_root + k[len(src_root):]] = v
-        elif k.startswith(src_heads):
+        elif k.startswith(src_carried):
+            mapped[dst_head + k[len(src_head):]] = v
+        elif k.startswith(src_dropped):
             dropped.append(k)
         else:
             unexpected.append(k)
@@ -384,7 +411,7 @@ def load_mlm_into_classifier(
                  for k, v in mapped.items() if k in target and v.shape != target[k].shape]
     if missing or unexpected or bad_shape:
         raise ValueError(
-            "the MLM checkpoint does not match the classifier (nothing was loaded):"
+            f"the {what} does not match the classifier (nothing was loaded):"
             + (f"\n  missing from the checkpoint: {missing}" if missing else "")
             + (f"\n  unexpected in the checkpoint: {sorted(unexpected)}" if unexpected else "")
             + (f"\n  shape mismatch: {bad_shape}" if bad_shape else "")
@@ -419,6 +446,7 @@ __all__ = [
     "ChimeraTextForSequenceClassification",
     "ChimeraTextModel",
     "ChimeraTextPreTrainedModel",
+    "load_finetuned_into_classifier",
     "load_mlm_into_classifier",
     "read_state_dict",
 ]

@@ -309,6 +309,10 @@ def test_hf_outputs_hidden_states_and_rejects_attention_arguments():
     out = mlm(ids, mask, output_hidden_states=True)
     assert len(out.hidden_states) == 3  # embeddings + 2 blocks
     assert isinstance(mlm(ids, mask, return_dict=False), tuple)
+    # packed rows pass through to the encoder
+    packed = torch.cat([ids[:1, :4], ids[:1, 4:]], 1)
+    out = mlm(packed, cu_seqlens=torch.tensor([0, 4, 11])).logits
+    torch.testing.assert_close(out[:, :4], mlm(ids[:1, :4]).logits, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="no position_ids"):
         mlm(ids, mask, position_ids=torch.arange(11)[None])
     with pytest.raises(ValueError, match="no attention weights"):

@@ -69,7 +69,8 @@ def bfs_depth(topo: Topology, roots: Tensor | None = None) -> Tensor:
     """
     from chimera.topology.structure import bfs_depth_fast
 
-    return bfs_depth_fast(topo.edge_index, topo.num_nodes, roots).to(topo.device)
+    return bfs_depth_fast(topo.edge_index, topo.num_nodes, roots, batch=topo.batch).to(
+        topo.device)
 
 
 def bfs_depth_reference(topo: Topology, roots: Tensor | None = None) -> Tensor:

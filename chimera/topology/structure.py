@@ -99,28 +99,65 @@ def component_roots(edge_index: Tensor, num_nodes: int, roots: Tensor | None = N
 
 
 @_single_threaded
-def bfs_depth_fast(edge_index: Tensor, num_nodes: int, roots: Tensor | None = None) -> Tensor:
+def bfs_depth_fast(edge_index: Tensor, num_nodes: int, roots: Tensor | None = None,
+                   batch: Tensor | None = None) -> Tensor:
     """BFS depth of every node on the undirected view, one BFS per connected component.
 
     Same result as the sequential :func:`chimera.topology.decompose.bfs_depth_reference`:
     components are rooted at ``roots`` where given (one node per graph), else at their smallest
-    node id. Cost: one scatter over the edges per BFS level.
+    node id. All components are swept at once, level by level, over the out-edges of the
+    frontier only (``O(|E|)`` work in total). ``batch`` (graph id per node) lets the first node
+    of every graph seed its component directly; only the remaining components (graphs in
+    several pieces) need :func:`component_roots`.
     """
     ei = _check(edge_index, num_nodes)
     device = ei.device
-    root = component_roots(ei, num_nodes, roots)
     src = torch.cat([ei[0], ei[1]])
     dst = torch.cat([ei[1], ei[0]])
+    order = torch.argsort(src, stable=True)
+    nbrs = dst[order]
+    starts = torch.searchsorted(src[order], torch.arange(num_nodes + 1, device=device))
     depth = torch.full((num_nodes,), -1, dtype=torch.long, device=device)
-    frontier = root == torch.arange(num_nodes, device=device)
-    depth[frontier] = 0
-    d = 0
-    while bool(frontier.any()):
-        d += 1
-        hit = torch.zeros(num_nodes, dtype=torch.bool, device=device)
-        hit[dst[frontier[src]]] = True
-        frontier = hit & (depth < 0)
-        depth[frontier] = d
+
+    def sweep(seeds: Tensor) -> None:
+        frontier = seeds
+        depth[frontier] = 0
+        d = 0
+        while frontier.numel():
+            lo = starts[frontier]
+            cnt = starts[frontier + 1] - lo
+            total = int(cnt.sum())
+            if total == 0:
+                return
+            first = torch.repeat_interleave(cnt.cumsum(0) - cnt, cnt)
+            nb = nbrs[torch.repeat_interleave(lo, cnt) + torch.arange(total, device=device)
+                      - first]
+            nb = torch.unique(nb[depth[nb] < 0])
+            d += 1
+            depth[nb] = d
+            frontier = nb
+
+    if roots is not None:
+        # given roots: the sequential rule (the first root of a component wins) via the labels
+        root = component_roots(ei, num_nodes, roots)
+        sweep(torch.nonzero(root == torch.arange(num_nodes, device=device)).flatten())
+        return depth
+    if batch is not None:
+        gid = torch.as_tensor(batch, device=device).long()
+        if gid.shape != (num_nodes,):
+            raise ValueError(f"batch must have shape ({num_nodes},), got {tuple(gid.shape)}")
+        seeds = torch.full((int(gid.max()) + 1,), num_nodes, dtype=torch.long, device=device)
+        seeds = seeds.scatter_reduce(0, gid, torch.arange(num_nodes, device=device), "amin")
+        sweep(seeds[seeds < num_nodes])  # each graph's smallest id roots its component
+    left = torch.nonzero(depth < 0).flatten()
+    if left.numel():
+        # the other components: min-label propagation on the unvisited nodes only (ids kept in
+        # order, so a local minimum is the global one)
+        local = torch.full((num_nodes,), -1, dtype=torch.long, device=device)
+        local[left] = torch.arange(left.numel(), device=device)
+        keep = local[ei[0]] >= 0
+        root = component_roots(local[ei[:, keep]], int(left.numel()))
+        sweep(left[root == torch.arange(left.numel(), device=device)])
     return depth
 
 

@@ -26,7 +26,7 @@ def graph_structure(edge_index: Tensor, num_nodes: int,
     Vectorised over all graphs at once (:mod:`chimera.topology.structure`), so a dataset is
     best processed as one big disjoint union (see :func:`structure_for_graphs`).
     """
-    return (bfs_depth_fast(edge_index, num_nodes),
+    return (bfs_depth_fast(edge_index, num_nodes, batch=batch),
             graph_diameters(edge_index, num_nodes, batch))
 
 

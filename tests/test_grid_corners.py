@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from chimera.ops import mix, mix_sum
-from chimera.ops.grid import corner_masks, grid_corners_applicable, row_resolvents
+from chimera.ops.grid import corner_sma_mask, grid_corners_applicable, row_resolvents
 from chimera.topology import grid, line
 
 SHARINGS = {"diagonal": [0, 1, 1, 0], "none": [0, 1, 2, 3], "complete": [0, 0, 0, 0],
@@ -74,17 +74,20 @@ def test_subset_of_corners_and_no_scales():
     torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
 
 
-def test_corner_sweep_gradcheck():
+def test_corner_sma_mask_gradcheck():
     g = torch.Generator().manual_seed(1)
-    M, H, W = 2, 3, 2
-    a_h = torch.rand(M, H, W, generator=g, dtype=torch.float64) * 0.8 + 0.1
-    a_v = torch.rand(M, H, W, generator=g, dtype=torch.float64) * 0.8 + 0.1
-    s = torch.rand(M, H, W, generator=g, dtype=torch.float64) + 0.5
-    for down in (True, False):
-        for rightward in (True, False):
-            R = row_resolvents(a_h, rightward).detach().requires_grad_(True)
-            args = (R, a_v.clone().requires_grad_(True), s.clone().requires_grad_(True))
-            assert torch.autograd.gradcheck(lambda *a, d=down: corner_masks(*a, d), args)
+    K, b, h, H, W = 4, 2, 2, 3, 2
+    T, M = H * W, b * h
+    a_h = torch.rand(K, M, H, W, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    a_v = torch.rand(K, M, H, W, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    s = torch.rand(K, M, H, W, generator=g, dtype=torch.float64) + 0.5
+    R = torch.stack([row_resolvents(a_h[k], k % 2 == 0) for k in range(K)])
+    downs = (True, False, True, False)  # directions interleaved: the non-slice path
+    for h_S, group in ((1, (0, 1, 1, 0)), (1, (0, 0, 0, 0)), (h, (0, 1, 2, 3)), (1, (1, 0, 0, 1))):
+        S = torch.randn(b, max(group) + 1, h_S, T, T, generator=g, dtype=torch.float64)
+        args = tuple(t.clone().requires_grad_(True) for t in (R, a_v, s, S))
+        assert torch.autograd.gradcheck(
+            lambda *a, gr=group: corner_sma_mask(*a, downs, gr), args)
 
 
 def test_fallback_for_other_dags_sums_mix():

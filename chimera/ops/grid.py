@@ -26,8 +26,10 @@ groups' masked scores are summed before the one ``T x T`` by ``T x P`` product p
 scores are computed once per group and batch entry, not per head (B/C are shared by the heads).
 Compared with one SMA per DAG this halves the large matmul work (one dense product instead of
 four half-triangular ones) and replaces thousands of small per-row products by a handful of
-large ones; the row sweep itself is a custom autograd function (:class:`_CornerSweep`) whose
-backward is the hand-written adjoint sweep, so the sweep leaves no autograd graph of ``H`` steps.
+large ones. The row sweeps of all corners and the masking by the scores are one custom
+autograd function (:class:`_CornerSMAMask`) whose backward is the hand-written adjoint sweep:
+no autograd graph of ``H`` steps, and no per-corner mask or masked score matrix ever exists
+as a ``T x T`` tensor (the only one is the final mask).
 
 For grids above :data:`MASK_MAX_NODES` nodes the ``T x T`` masks get too large and
 :func:`mix_grid_dag` (one DAG, the SMA fused row by row) or the state scan apply.
@@ -90,101 +92,201 @@ def grid_frame(topo: Topology) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the block-row sweep (1) with its adjoint
+# the block-row sweep (1) for all corners at once, masked by the scores, with its adjoint
 # ---------------------------------------------------------------------------------------------
 def _prev_span(r: int, H: int, W: int, down: bool) -> tuple[int, int]:
-    """Columns of the row block swept before ``r`` (empty for the first one)."""
+    """Columns of the row block swept before ``r``: those its ``L`` rows can be non-zero in."""
     return (0, r * W) if down else ((r + 1) * W, H * W)
 
 
-class _CornerSweep(torch.autograd.Function):
-    """``L diag(s) (M, T, T)`` of corner DAGs that all sweep in one vertical direction.
+def _picker(ks: list[int], kidx: Tensor):
+    """Select corners ``ks`` along dim 0: a view when they are consecutive, else a gather."""
+    if ks == list(range(ks[0], ks[0] + len(ks))):
+        return lambda x: x[ks[0]:ks[0] + len(ks)]
+    return lambda x: x.index_select(0, kidx)
 
-    Inputs: ``R (M, H, W, W)`` row resolvents (already oriented for left/right corners),
-    ``a_v (M, H, W)`` weight of the vertical edge into each node (unused in the first swept
-    row), ``s (M, H, W)`` column scales, and ``down``. The forward writes each row block's
-    non-zero part into one zero-initialised buffer (no concatenations); the backward is the
-    adjoint of (1) in the opposite order and re-reads the previous row blocks from the output.
+
+def _scores_for(S: Tensor, groups: list[int]) -> Tensor:
+    """``(len(groups), b, hS, T, T)``: the scores of each listed group; a view (no copy) when
+    the groups are consecutive, e.g. the top corners' under diagonal sharing."""
+    if groups == list(range(groups[0], groups[0] + len(groups))):
+        return S[:, groups[0]:groups[0] + len(groups)].transpose(0, 1)
+    return S[:, groups].transpose(0, 1)
+
+
+class _CornerSMAMask(torch.autograd.Function):
+    """The SMA mask ``Σ_k L_k diag(s_k) ∘ S_{g_k}``, ``(b, h, T, T)``, by the sweep (1).
+
+    Inputs, stacked over the ``K`` corners: ``R (K, M, H, W, W)`` row resolvents in the grid's
+    column order (``M = b h``), ``a_v (K, M, H, W)`` weight of the vertical edge into each node
+    (unused in a corner's first swept row), ``s (K, M, H, W)`` column scales; the scores
+    ``S (b, G, h_S, T, T)`` (``C Bᵀ`` per B/C group, ``h_S`` = 1 when shared by the heads, else
+    ``h``); ``downs`` (per corner: swept from the top) and ``group`` (per corner: its ``S``).
+
+    Corners that sweep in the same direction advance together (one batched product per step),
+    and each step adds its row blocks, already multiplied by their scores, straight into the
+    one output: neither per-corner masks nor per-group masked scores ever exist as ``T x T``
+    tensors. The row blocks of every ``L_k`` (the non-zero part, ``T^2 / 2`` per corner) are
+    kept for the backward, the adjoint of (1) swept in the opposite order; it forms
+    ``dL_k = dmask ∘ S_{g_k}`` and ``dS_g += Σ_heads dmask ∘ L_k`` row block by row block, and
+    carries the gradient reaching the previous row block in a ``W x T`` tensor.
     """
 
     @staticmethod
-    def forward(ctx, R: Tensor, a_v: Tensor, s: Tensor, down: bool) -> Tensor:
-        M, H, W, _ = R.shape
-        T = H * W
-        L = R.new_zeros(M, T, T)
-        order = range(H) if down else range(H - 1, -1, -1)
-        for step, r in enumerate(order):
-            rows = slice(r * W, (r + 1) * W)
-            # the diagonal block R_r diag(s_r)
-            L[:, rows, rows] = R[:, r] * s[:, r, None, :]
-            if step:
-                lo, hi = _prev_span(r, H, W, down)
-                p = r - 1 if down else r + 1  # the row block swept just before
-                prev = L[:, p * W:(p + 1) * W, lo:hi]
-                L[:, rows, lo:hi] = torch.bmm(R[:, r], a_v[:, r, :, None] * prev)
-        ctx.save_for_backward(R, a_v, s, L)
-        ctx.down = down
-        return L
+    def forward(ctx, R: Tensor, a_v: Tensor, s: Tensor, S: Tensor, downs: tuple[bool, ...],
+                group: tuple[int, ...]) -> Tensor:
+        K, M, H, W, _ = R.shape
+        b, _, hS, T, _ = S.shape
+        h = M // b
+        mask = R.new_zeros(b, h, T, T)
+        diag = R * s.unsqueeze(-2)  # the diagonal blocks R_r diag(s_r)
+        rows_kept: dict[bool, list[Tensor]] = {}
+        for down in (True, False):
+            ks = [k for k in range(K) if downs[k] == down]
+            if not ks:
+                continue
+            nk = len(ks)
+            pick = _picker(ks, torch.tensor(ks, device=R.device))
+            Rd, avd, dd = pick(R), pick(a_v), pick(diag)  # (nk, M, H, ...)
+            Sd = _scores_for(S, [group[k] for k in ks])  # (nk, b, hS, T, T)
+            order = range(H) if down else range(H - 1, -1, -1)
+            kept = []
+            prev = None
+            for step, r in enumerate(order):
+                d = dd[:, :, r].reshape(-1, W, W)
+                if step == 0:
+                    row, lo, hi = d, r * W, (r + 1) * W
+                else:
+                    lo, hi = (0, (r + 1) * W) if down else (r * W, T)
+                    Rr = Rd[:, :, r].reshape(-1, W, W)
+                    off = torch.bmm(Rr, avd[:, :, r].reshape(-1, W, 1) * prev)
+                    row = torch.cat([off, d] if down else [d, off], dim=-1)
+                rows = slice(r * W, (r + 1) * W)
+                masked = row.view(nk, b, h, W, hi - lo) * Sd[:, :, :, rows, lo:hi]
+                mask[:, :, rows, lo:hi] += masked.sum(0) if nk > 1 else masked[0]
+                kept.append(row)
+                prev = row
+            rows_kept[down] = kept
+        ctx.save_for_backward(R, a_v, s, S)
+        ctx.rows_kept = rows_kept
+        ctx.meta = (downs, group)
+        return mask
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dL: Tensor):
-        R, a_v, s, L = ctx.saved_tensors
-        down = ctx.down
-        M, H, W, _ = R.shape
-        dR, da_v, ds = torch.zeros_like(R), torch.zeros_like(a_v), torch.zeros_like(s)
-        G = dL.clone()  # accumulates the gradient reaching each row block through later rows
-        order = list(range(H)) if down else list(range(H - 1, -1, -1))
-        for step in range(H - 1, -1, -1):
-            r = order[step]
-            rows = slice(r * W, (r + 1) * W)
-            Rr = R[:, r]
-            G_diag = G[:, rows, rows]
-            dR[:, r] = G_diag * s[:, r, None, :]
-            ds[:, r] = (G_diag * Rr).sum(1)
-            if step:
-                lo, hi = _prev_span(r, H, W, down)
-                p = order[step - 1]  # the row block read by row r
-                prev = L[:, p * W:(p + 1) * W, lo:hi]
-                G_prev = G[:, rows, lo:hi]
-                U = a_v[:, r, :, None] * prev
-                dR[:, r] += torch.bmm(G_prev, U.transpose(1, 2))
-                dU = torch.bmm(Rr.transpose(1, 2), G_prev)
-                da_v[:, r] = (dU * prev).sum(-1)
-                G[:, p * W:(p + 1) * W, lo:hi] += a_v[:, r, :, None] * dU
-        return dR, da_v, ds, None
+    def backward(ctx, dmask: Tensor):
+        R, a_v, s, S = ctx.saved_tensors
+        downs, group = ctx.meta
+        K, M, H, W, _ = R.shape
+        b, G, hS, T, _ = S.shape
+        h = M // b
+        dR = torch.zeros_like(R)
+        da_v = torch.zeros_like(a_v)
+        dDiag = torch.zeros_like(R)  # gradient of each diagonal block R_r diag(s_r)
+        dS = torch.zeros_like(S)
+        for down in (True, False):
+            ks = [k for k in range(K) if downs[k] == down]
+            if not ks:
+                continue
+            nk = len(ks)
+            kidx = torch.tensor(ks, device=R.device)
+            pick = _picker(ks, kidx)
+            Rd, avd = pick(R), pick(a_v)
+            gk = [group[k] for k in ks]
+            Sd = _scores_for(S, gk)  # (nk, b, hS, T, T)
+            dSd = S.new_zeros(nk, b, hS, T, T)
+            kept = ctx.rows_kept[down]
+            order = list(range(H)) if down else list(range(H - 1, -1, -1))
+            dRd = torch.zeros_like(Rd)
+            davd = torch.zeros_like(avd)
+            dDd = torch.zeros_like(Rd)
+            carry = None
+            for step in range(H - 1, -1, -1):
+                r = order[step]
+                if step == 0:
+                    lo, hi = r * W, (r + 1) * W
+                else:
+                    lo, hi = (0, (r + 1) * W) if down else (r * W, T)
+                width = hi - lo
+                rows = slice(r * W, (r + 1) * W)
+                dm = dmask[:, :, rows, lo:hi]  # (b, h, W, width)
+                # scores side: dS_g += Σ_heads dmask ∘ L_k over this row block
+                prod = dm * kept[step].view(nk, b, h, W, width)
+                dSd[:, :, :, rows, lo:hi] += prod.sum(2, keepdim=True) if hS == 1 else prod
+                # mask side: the gradient of L_k's row block, plus what later rows sent back
+                Gr = (dm * Sd[:, :, :, rows, lo:hi]).reshape(nk * M, W, width)
+                if carry is not None:
+                    Gr = Gr + carry
+                dsl = slice(width - W, width) if down or step == 0 else slice(0, W)
+                dDd[:, :, r] = Gr[:, :, dsl].reshape(nk, M, W, W)
+                if step == 0:
+                    break
+                Gp = Gr[:, :, :width - W] if down else Gr[:, :, W:]
+                prev = kept[step - 1]
+                av = avd[:, :, r].reshape(-1, W, 1)
+                Rr = Rd[:, :, r].reshape(-1, W, W)
+                dRd[:, :, r] = torch.bmm(Gp, (av * prev).transpose(1, 2)).view(nk, M, W, W)
+                dU = torch.bmm(Rr.transpose(1, 2), Gp)
+                davd[:, :, r] = (dU * prev).sum(-1).view(nk, M, W)
+                carry = av * dU
+            if ks == list(range(ks[0], ks[0] + nk)):
+                dR[ks[0]:ks[0] + nk], da_v[ks[0]:ks[0] + nk] = dRd, davd
+                dDiag[ks[0]:ks[0] + nk] = dDd
+            else:
+                dR.index_copy_(0, kidx, dRd)
+                da_v.index_copy_(0, kidx, davd)
+                dDiag.index_copy_(0, kidx, dDd)
+            dS.index_add_(1, torch.tensor(gk, device=S.device), dSd.transpose(0, 1))
+        # through diag = R diag(s): dR += dDiag diag(s), ds = column sums of dDiag ⊙ R
+        dR += dDiag * s.unsqueeze(-2)
+        ds = (dDiag * R).sum(-2)
+        return dR, da_v, ds, dS, None, None
 
 
-def corner_masks(R: Tensor, a_v: Tensor, s: Tensor, down: bool) -> Tensor:
-    """``L diag(s)`` for corner DAGs sweeping ``down`` (top corners) or up (bottom corners).
+def corner_sma_mask(R: Tensor, a_v: Tensor, s: Tensor, S: Tensor, downs: tuple[bool, ...],
+                    group: tuple[int, ...]) -> Tensor:
+    """``(b, h, T, T)``: ``Σ_k L_k diag(s_k) ∘ S[:, group[k]]`` in row-major node order.
 
-    ``R (M, H, W, W)``: row resolvents; ``a_v (M, H, W)``: vertical in-edge weight per node;
-    ``s (M, H, W)``: column scales. Returns ``(M, H*W, H*W)`` in row-major node order.
-    """
-    return _CornerSweep.apply(R, a_v, s, down)
+    ``R (K, b h, H, W, W)`` row resolvents (see :func:`row_resolvents`), ``a_v`` and
+    ``s (K, b h, H, W)``, scores ``S (b, G, 1 or h, T, T)``; ``downs[k]``: corner ``k`` is a top
+    corner (swept from the top). See :class:`_CornerSMAMask`."""
+    return _CornerSMAMask.apply(R, a_v, s, S, tuple(downs), tuple(group))
 
 
 # ---------------------------------------------------------------------------------------------
 # all corners of one grid: summed masks, one SMA
 # ---------------------------------------------------------------------------------------------
-def _in_weights(edge_weight: Tensor, topo: Topology, frame: dict) -> tuple[Tensor, Tensor]:
-    """Weights of the horizontal and of the vertical edge into every node, ``(b*h, H, W)`` each
-    in the grid's node order (0 where a node has no such parent)."""
-    b, h, _ = edge_weight.shape
-    hor, dst = frame["horizontal"], topo.dst
-    zeros = edge_weight.new_zeros(b, h, topo.num_nodes)
-    shape = (b * h, frame["H"], frame["W"])
-    a_h = zeros.index_copy(-1, dst[hor], edge_weight[..., hor]).view(shape)
-    a_v = zeros.index_copy(-1, dst[~hor], edge_weight[..., ~hor]).view(shape)
-    return a_h, a_v
+def _in_edge_index(topo: Topology, frame: dict) -> Tensor:
+    """``(2 T,)`` edge ids (``E``, a zero dummy, where there is none): first, per node
+    ``(r, c)``, the horizontal in-edge of ``(r, c)`` for rows running rightward, of
+    ``(r, c - 1)`` for rows running leftward (the order :func:`row_resolvents` takes); then per
+    node its vertical in-edge. Cached on the topology."""
+
+    def build() -> Tensor:
+        E, T, W = topo.num_edges, topo.num_nodes, frame["W"]
+        hor = frame["horizontal"]
+        ids = torch.arange(E, device=topo.device)
+        h_idx = torch.full((T,), E, dtype=torch.long, device=topo.device)
+        v_idx = h_idx.clone()
+        h_idx[topo.dst[hor]] = ids[hor]
+        v_idx[topo.dst[~hor]] = ids[~hor]
+        if not frame["rightward"]:  # shift right by one column
+            h_idx = torch.cat([h_idx.new_full((T // W, 1), E), h_idx.view(-1, W)[:, :-1]], 1)
+            h_idx = h_idx.reshape(-1)
+        return torch.cat([h_idx, v_idx])
+
+    return topo._cached("grid_in_edges", build)
 
 
 def row_resolvents(a_h: Tensor, rightward: bool) -> Tensor:
-    """``(M, H, W, W)`` 1-D resolvents of every grid row, in the grid's column order: lower
-    triangular when the row's edges point right, upper triangular when they point left."""
-    if rightward:
-        return decay_mask(safe_log(a_h))
-    return decay_mask(safe_log(a_h.flip(-1))).flip(-1).flip(-2)
+    """``(..., H, W, W)`` 1-D resolvents of every grid row, in the grid's column order.
+
+    Rows running rightward: ``a_h[c]`` is the weight of the edge ``c-1 -> c`` and ``R`` is the
+    lower triangular ``decay_mask``. Rows running leftward: ``a_h[c]`` is the weight of the edge
+    ``c -> c-1`` (the in-edge of column ``c-1``), so that ``R[c, c'] = prod_{k=c+1}^{c'} a_h[k]``
+    for ``c <= c'``: the transpose of the same mask, with no flips."""
+    R = decay_mask(safe_log(a_h))
+    return R if rightward else R.transpose(-1, -2)
 
 
 def grid_corners_applicable(dags: list[Topology], max_nodes: int = MASK_MAX_NODES) -> bool:
@@ -206,44 +308,40 @@ def mix_grid_corners(V: Tensor, B: Tensor, C: Tensor, edge_weights: list[Tensor]
         V: ``(b, T, h, P)``.
         B, C: ``(b, T, G, h_bc, N)``: ``G`` B/C groups, ``h_bc`` = 1 (shared by all heads) or
             ``h`` (per head).
-        edge_weights: per DAG ``(b, h, E_k)``; input_scales: per DAG ``(b, T, h)`` or None (1).
+        edge_weights: per DAG ``(b, h, E)``; input_scales: per DAG ``(b, T, h)`` or None (1).
         dags: complete corner DAGs of one grid (see :func:`grid_corners_applicable`).
         groups: the B/C group of every DAG.
     """
     b, T, h, P = V.shape
+    K = len(dags)
+    # top corners first: the sweep then takes each direction's corners as one slice
+    order = sorted(range(K), key=lambda k: not grid_frame(dags[k])["down"])
+    dags, groups = [dags[k] for k in order], [groups[k] for k in order]
+    edge_weights, input_scales = [edge_weights[k] for k in order], [input_scales[k] for k in order]
     frames = [grid_frame(d) for d in dags]
     H, W = frames[0]["H"], frames[0]["W"]
     M = b * h
-    by_direction: dict[bool, list[int]] = {True: [], False: []}
-    for k, f in enumerate(frames):
-        by_direction[f["down"]].append(k)
-    masks: dict[int, Tensor] = {}
-    for down, ks in by_direction.items():
-        if not ks:
-            continue
-        Rs, avs, ss = [], [], []
-        for k in ks:
-            a_h, a_v = _in_weights(edge_weights[k], dags[k], frames[k])
-            Rs.append(row_resolvents(a_h, frames[k]["rightward"]))
-            avs.append(a_v)
-            s = input_scales[k]
-            ss.append(V.new_ones(M, H, W) if s is None
-                      else s.permute(0, 2, 1).reshape(M, H, W))
-        L = corner_masks(torch.cat(Rs), torch.cat(avs), torch.cat(ss), down)
-        for i, k in enumerate(L.view(len(ks), b, h, T, T).unbind(0)):
-            masks[ks[i]] = k
-    # corners of one group share C Bᵀ: sum their masks first
-    per_group: dict[int, Tensor] = {}
-    for k, g in enumerate(groups):
-        per_group[g] = masks[k] if g not in per_group else per_group[g] + masks[k]
-    Bt = B.permute(0, 2, 3, 4, 1)  # (b, G, h_bc, N, T)
-    Ct = C.permute(0, 2, 3, 1, 4)  # (b, G, h_bc, T, N)
-    mask = None
-    for g, Lg in per_group.items():
-        term = Lg * (Ct[:, g] @ Bt[:, g])  # (b, h, T, T) * (b, h_bc, T, T)
-        mask = term if mask is None else mask + term
-    Y = mask @ V.permute(0, 2, 1, 3)
-    return Y.permute(0, 2, 1, 3)
+    E = dags[0].num_edges
+    # all corners' horizontal (rightward order) and vertical in-edge weights in one gather
+    idx = torch.cat([_in_edge_index(d, f) + k * (E + 1)
+                     for k, (d, f) in enumerate(zip(dags, frames, strict=True))])
+    w = torch.stack(list(edge_weights))  # (K, b, h, E)
+    w = torch.cat([w, w.new_zeros(K, b, h, 1)], dim=-1).permute(1, 2, 0, 3).reshape(b, h, -1)
+    a = w.index_select(-1, idx).view(b, h, K, 2, H, W).permute(2, 3, 0, 1, 4, 5)
+    a = a.reshape(K, 2, M, H, W)
+    R = decay_mask(safe_log(a[:, 0]))  # (K, M, H, W, W)
+    if not all(f["rightward"] for f in frames):  # see row_resolvents
+        R = torch.stack([Rk if f["rightward"] else Rk.transpose(-1, -2)
+                         for Rk, f in zip(R.unbind(0), frames, strict=True)])
+    if all(x is None for x in input_scales):
+        s = V.new_ones(K, M, H, W)
+    else:
+        s = torch.stack([V.new_ones(b, T, h) if x is None else x for x in input_scales])
+        s = s.permute(0, 1, 3, 2).reshape(K, M, H, W)
+    scores = C.permute(0, 2, 3, 1, 4) @ B.permute(0, 2, 3, 4, 1)  # (b, G, h_bc, T, T)
+    mask = corner_sma_mask(R, a[:, 1], s, scores, tuple(f["down"] for f in frames), tuple(groups))
+    Y = mask @ V.transpose(1, 2).contiguous()  # (b, h, T, P)
+    return Y.transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 """Time and peak memory of every resolvent algorithm of :func:`chimera.ops.mix` (forward+backward).
 
 Sizes are directed lines ``T in {128, 512, 2048}`` and one corner DAG of the grids
-``{14², 28², 56²}`` (``--grid-dags 4`` sums the four corner DAGs instead, as the vision model
-does). Every size also gets an SDPA attention baseline row (``method = sdpa``:
+``{14², 28², 56², 64²}`` (``--grid-dags 4`` mixes all four corner DAGs instead, as the vision
+model does: through :func:`chimera.ops.mix_sum` with the paper's diagonal B/C sharing, i.e. two
+``(b, T, N)`` key/query groups shared by the heads, so ``exact`` takes the merged-mask path).
+Every size also gets an SDPA attention baseline row (``method = sdpa``:
 ``torch.nn.functional.scaled_dot_product_attention`` on ``(batch, heads, T, headdim)``, causal on
 lines, full on grids), so the numbers have a reference (DESIGN.md section 4).
 ``--level mixer`` times a whole :class:`chimera.ChimeraMixer` (``d_model = heads * headdim / 2``,
@@ -72,7 +74,7 @@ from torch.utils._pytree import tree_flatten  # noqa: E402
 
 OP_METHODS = ("reference", "exact", "neumann", "dag_dense", "dag_scan", "ssd", "triton")
 BASELINE = "sdpa"
-DEFAULT_SIZES = ("line:128", "line:512", "line:2048", "grid:14", "grid:28", "grid:56")
+DEFAULT_SIZES = ("line:128", "line:512", "line:2048", "grid:14", "grid:28", "grid:56", "grid:64")
 # asymptotic exponents in the number of nodes n, for the budget prediction
 TIME_EXPONENT = {"reference": 3.0, "exact": 3.0, "neumann": 3.0, "dag_dense": 3.0,
                  "dag_scan": 1.0, "ssd": 1.0, "triton": 1.0, "sdpa": 2.0, "auto": 3.0}
@@ -203,7 +205,7 @@ class Runner:
 
     # -- one forward+backward closure per case ------------------------------------------------
     def build_op(self, family: str, n: int, method: str):
-        from chimera.ops import mix
+        from chimera.ops import mix, mix_sum
 
         cfg, dev, dt = self.cfg, self.device, self.dtype
         b, h, P, N = cfg["batch"], cfg["heads"], cfg["headdim"], cfg["d_state"]
@@ -222,9 +224,11 @@ class Runner:
             return step, leaves, {"edges": 0, "num_dags": 0}
 
         _, dags = self.topology(family, n)
+        many = len(dags) > 1  # the grid's corners as the model mixes them (see the docstring)
+        bc_heads = 2 if many else h  # B/C groups (diagonal sharing) or one per head
         V = torch.randn(b, T, h, P, device=dev, dtype=dt)
-        Bm = torch.randn(b, T, h, N, device=dev, dtype=dt) / math.sqrt(N)
-        Cm = torch.randn(b, T, h, N, device=dev, dtype=dt) / math.sqrt(N)
+        Bm = torch.randn(b, T, bc_heads, N, device=dev, dtype=dt) / math.sqrt(N)
+        Cm = torch.randn(b, T, bc_heads, N, device=dev, dtype=dt) / math.sqrt(N)
         weights = []
         for dag in dags:
             # Chimera-like DAG weights: exp(-delta_ij) / |p(i)|, delta ~ softplus(N(0, 1))
@@ -236,10 +240,12 @@ class Runner:
         leaves = (V, Bm, Cm, *weights)
 
         def step():
-            Y = None
-            for dag, w in zip(dags, weights, strict=True):
-                y = mix(V, Bm, Cm, w, dag, method=method, chunk_size=cfg["chunk_size"])
-                Y = y if Y is None else Y + y
+            if many:
+                Y = mix_sum(V, Bm, Cm, weights, dags, [0, 1, 1, 0][:len(dags)], method=method,
+                            chunk_size=cfg["chunk_size"])
+            else:
+                Y = mix(V, Bm, Cm, weights[0], dags[0], method=method,
+                        chunk_size=cfg["chunk_size"])
             Y.backward(G)
 
         return step, leaves, {"edges": sum(d.num_edges for d in dags), "num_dags": len(dags)}
@@ -540,6 +546,32 @@ def run_benchmark(args) -> list[dict]:
     return rows
 
 
+def fit_slopes(rows: list[dict]) -> list[dict]:
+    """Least-squares slope of log(time) and of log(peak memory) against log(nodes), per
+    (family, method), over the sizes that ran (at least two): the empirical exponent, to set
+    against the algorithm's (1 for scans, 2 for SDPA and the mask forms, 3 for dense inverses)."""
+    out = []
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        for m in dict.fromkeys(r["method"] for r in rows):
+            pts = [(r["nodes"], r["time_ms"], r["peak_mem_mb"]) for r in rows
+                   if r["family"] == fam and r["method"] == m
+                   and r["status"] in ("ok", "over budget")]
+            if len(pts) < 2:
+                continue
+            xs = [math.log(p[0]) for p in pts]
+
+            def slope(ys: list[float], xs: list[float] = xs) -> float:
+                mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+                sxx = sum((x - mx) ** 2 for x in xs)
+                return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+
+            out.append({"family": fam, "method": m, "sizes": len(pts),
+                        "nodes": f"{pts[0][0]}-{pts[-1][0]}",
+                        "time_slope": slope([math.log(p[1]) for p in pts]),
+                        "mem_slope": slope([math.log(max(p[2], 1e-6)) for p in pts])})
+    return out
+
+
 def git_revision() -> str:
     import subprocess
 
@@ -613,6 +645,14 @@ def markdown(rows: list[dict], args, total_s: float) -> str:
     lines += table("time")
     lines += ["", "## Peak memory (MiB)", ""]
     lines += table("mem")
+    slopes = fit_slopes(rows)
+    if slopes:
+        lines += ["", "## Log-log slopes against the number of nodes", "",
+                  "least-squares fit over the sizes that ran; 1 = linear, 2 = quadratic", "",
+                  "| family | method | sizes (nodes) | time slope | memory slope |",
+                  "|---|---|---|---:|---:|"]
+        lines += [f"| {q['family']} | {q['method']} | {q['sizes']} ({q['nodes']}) "
+                  f"| {q['time_slope']:.2f} | {q['mem_slope']:.2f} |" for q in slopes]
     notes = [r for r in rows if r["note"] and r["status"] not in ("n/a",)]
     if notes:
         lines += ["", "## Notes", ""]

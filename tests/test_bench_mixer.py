@@ -78,3 +78,33 @@ def test_budget_prediction_and_size_parsing():
     assert mod.parse_size("line:512") == ("line", 512)
     assert mod.parse_size("grid:28x28") == ("grid", 28)
     assert mod.num_nodes("grid", 56) == 3136
+
+
+def test_fitted_slopes_recover_exponents():
+    mod = _load_module()
+    rows = [{"family": "grid", "method": m, "nodes": n, "status": "ok",
+             "time_ms": 3.0 * n ** k, "peak_mem_mb": 0.5 * n}
+            for m, k in (("dag_scan", 1.0), ("sdpa", 2.0)) for n in (196, 784, 3136)]
+    rows.append({"family": "grid", "method": "reference", "nodes": 196, "status": "ok",
+                 "time_ms": 1.0, "peak_mem_mb": 1.0})  # one size: no fit
+    slopes = {q["method"]: q for q in mod.fit_slopes(rows)}
+    assert set(slopes) == {"dag_scan", "sdpa"}
+    assert slopes["dag_scan"]["time_slope"] == pytest.approx(1.0)
+    assert slopes["sdpa"]["time_slope"] == pytest.approx(2.0)
+    assert slopes["sdpa"]["mem_slope"] == pytest.approx(1.0)
+
+
+def test_four_corner_op_level_runs_the_merged_path(tmp_path):
+    out = tmp_path / "bench4"
+    cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--out", str(out), "--no-isolate",
+           "--sizes", "grid:4", "grid:6", "--methods", "exact", "dag_scan", "sdpa",
+           "--grid-dags", "4", "--batch", "1", "--heads", "2", "--headdim", "4", "--d-state",
+           "2", "--threads", "1", "--repeats", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "bench_mixer.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["status"] for r in rows} == {"ok"}
+    assert {r["num_dags"] for r in rows if r["method"] != "sdpa"} == {"4"}
+    md = (out / "bench_mixer.md").read_text()
+    assert "Log-log slopes" in md and "| grid | dag_scan |" in md

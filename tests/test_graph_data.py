@@ -208,6 +208,12 @@ def test_pyg_source_processes_generated_raw_files_safely(tmp_path):
         torch.save(graphs, raw / f"{split}.pt")
     ds = SafeLRGBDataset(str(tmp_path), "peptides-func", "val", pre_transform=ChimeraStructure())
     assert len(ds) == 3 and ds[1].diameter.tolist() == [5] and ds[1].bfs_depth.shape == (6,)
+    # the batched structure pass over the collated storage gives the same per-graph values
+    batched = SafeLRGBDataset(str(tmp_path), "peptides-func", "val", structure=True)
+    assert Path(batched.processed_dir).name == "processed_structure"
+    for i in range(3):
+        assert torch.equal(batched[i].bfs_depth, ds[i].bfs_depth)
+        assert torch.equal(batched[i].diameter, ds[i].diameter)
     raw = tmp_path / "pascalvoc-sp" / "raw"
     raw.mkdir(parents=True)
     for split in ("train", "val", "test"):

@@ -11,8 +11,9 @@ network, an offline loader for the official raw Peptides-func release, and a Lig
   RDKit into OGB's 9 atom / 3 bond categorical features (:func:`smiles_to_graph`, written from
   the definitions of ``ogb.utils.features``), cached after the first parse.
 
-Both attach the per-graph structure Chimera needs (:class:`~tasks.graph.transforms.
-ChimeraStructure`: BFS depths, diameters) once, when the data is processed.
+Both attach the per-graph structure Chimera needs (BFS depths, diameters; see
+:mod:`tasks.graph.transforms`) once, when the data is processed, for all graphs in one
+vectorised pass.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from torch_geometric.datasets import LRGBDataset
 from torch_geometric.loader import DataLoader
 
 from tasks.graph.metrics import LRGB_TASKS, LRGBTask
-from tasks.graph.transforms import ChimeraStructure, structure_for_graphs, validate_graph
+from tasks.graph.transforms import graph_structure, structure_for_graphs, validate_graph
 
 LRGB_NAMES: tuple[str, ...] = ("peptides-func", "peptides-struct", "pascalvoc-sp", "coco-sp")
 
@@ -207,13 +208,55 @@ def _safe_lrgb_raw_readers() -> Iterator[None]:
         lrgb.pickle, lrgb.fs = real_pickle, real_fs
 
 
+def attach_structure(data: Data, slices: dict[str, Tensor] | None) -> tuple[Data, dict | None]:
+    """Add ``bfs_depth`` (per node) and ``diameter`` (per graph) to an InMemoryDataset's
+    collated storage, computed for all graphs in one vectorised pass (a per-graph
+    ``pre_transform`` would pay the per-call overhead 123k times on COCO-SP)."""
+    if slices is None:  # a single graph is stored without slices
+        data.bfs_depth, data.diameter = graph_structure(data.edge_index, data.num_nodes)
+        return data, slices
+    node_ptr = slices["x"] if "x" in slices else slices["num_nodes"]
+    counts = node_ptr[1:] - node_ptr[:-1]
+    ecounts = slices["edge_index"][1:] - slices["edge_index"][:-1]
+    # graphs are stored with local node ids: shift them into one disjoint union
+    ei = data.edge_index + torch.repeat_interleave(node_ptr[:-1], ecounts)
+    batch = torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    data.bfs_depth, data.diameter = graph_structure(ei, int(counts.sum()), batch)
+    slices = dict(slices, bfs_depth=node_ptr.clone(),
+                  diameter=torch.arange(counts.numel() + 1))
+    return data, slices
+
+
 class SafeLRGBDataset(_SafeLoadMixin, LRGBDataset):
     """PyG's :class:`~torch_geometric.datasets.LRGBDataset` with safe file reading (module
-    docstring). Same arguments; downloads on first use."""
+    docstring). Same arguments, plus ``structure=True`` to store every graph's BFS depths and
+    diameter with the processed files (computed once, for each split in one vectorised pass;
+    kept in ``processed_structure/`` so that the plain processed files stay as PyG writes them).
+    Downloads on first use."""
+
+    def __init__(self, root: str, name: str, split: str = "train", transform=None,
+                 pre_transform=None, pre_filter=None, force_reload: bool = False,
+                 structure: bool = False) -> None:
+        self.structure = structure
+        super().__init__(root, name, split, transform, pre_transform, pre_filter,
+                         force_reload=force_reload)
+
+    @property
+    def processed_dir(self) -> str:
+        base = super().processed_dir
+        return base + "_structure" if self.structure else base
 
     def process(self) -> None:
         with _safe_lrgb_raw_readers():
             super().process()
+        if self.structure:
+            for split in ("train", "val", "test"):
+                path = os.path.join(self.processed_dir, f"{split}.pt")
+                out = strict_torch_load(path)
+                data_cls = out[2] if len(out) == 3 else Data
+                data = data_cls.from_dict(out[0]) if isinstance(out[0], dict) else out[0]
+                data, slices = attach_structure(data, out[1])
+                torch.save((data.to_dict(), slices, data.__class__), path)
 
 
 # ----------------------------------------------------------------------------- raw Peptides-func
@@ -430,8 +473,7 @@ class LRGBDataModule(LightningDataModule):
             return PeptidesFuncRaw(self.root, split, cache_dir=self.cache_dir,
                                    subset=self.subset, structure=self.structure,
                                    check_md5=self.check_md5, parse_workers=self.parse_workers)
-        ds = SafeLRGBDataset(str(self.root), self.name, split=split,
-                             pre_transform=ChimeraStructure() if self.structure else None)
+        ds = SafeLRGBDataset(str(self.root), self.name, split=split, structure=self.structure)
         return ds[: self.subset] if self.subset is not None else ds
 
     def prepare_data(self) -> None:

@@ -116,6 +116,14 @@ class ChimeraGraphConv(nn.Module):
     Edge features (``edge_dim``) give a per-edge selectivity ``delta_e`` that enters ``A_ij``
     as ``(delta_i + delta_j + delta_e) / 3`` (the review's answer on edge features).
 
+    In your own PyG model::
+
+        self.conv = ChimeraGraphConv(64, heads=4, d_state=64, edge_dim=64, method="neumann",
+                                     k_factor=2)            # K_g = ceil(dia(G_g) / 2)
+        h = h + self.conv(self.norm(h), data.edge_index, e, data.batch)
+
+    Several layers over one batch share its structure through ``topology=graph_topology(...)``.
+
     Args:
         channels: node feature width ``D`` (= the mixer's ``d_model``).
         heads: number of heads; ``headdim = expand * channels / heads``.

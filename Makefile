@@ -28,49 +28,31 @@ clean:  ## remove caches and build debris (keeps .venv; `rm -rf .venv` for a fre
 	find . -path ./.venv -prune -o -type d -name __pycache__ -print0 | xargs -0 rm -rf
 	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
 
-# --- paper tables (reproduce-*) ---
-# Each target sweeps one paper table with Hydra (conf/experiment/table*.yaml), then tabulates it
-# next to the paper's numbers (scripts/aggregate_tables.py -> results/table*/<preset>/).
-#   PRESET=paper  ImageNet-1k at DATA_ROOT (ImageFolder: train/, val/), the paper's models/recipe
-#   PRESET=tiny   Fashion-MNIST, tiny models, a budget for 2 CPU cores (conf/preset/tiny.yaml)
-#   SEEDS=n       seeds 0..n-1 per sweep member (default: 3 for tiny, 1 for paper)
-#   TRAIN_ARGS    extra Hydra overrides, e.g. TRAIN_ARGS="trainer=ddp logger=wandb"
+# --- paper tables -------------------------------------------------------------------------
+# `make reproduce-<table>` runs the table's sweep (conf/experiment/<family>/<table>.yaml, its
+# `table:` node says which member is which row) and tabulates it beside the paper's numbers:
+#   PRESET=paper|tiny  the paper's data/models/budget, or the small CPU version
+#   SEEDS=0,1,2 | n    seeds (default: the table's own list for the preset)
+#   TRAIN_ARGS         extra Hydra overrides, e.g. TRAIN_ARGS="trainer=ddp logger=wandb"
+#   DATA_ROOT          vision paper preset: the ImageNet ImageFolder (or IMAGENET_ROOT)
+# Runs: results/runs/<table>/<preset>/<member>/seed<k>/ (re-running skips finished members and
+# resumes unfinished ones); table: results/tables/<table>/<preset>/. The README quotes
+# results/reference/, which only `make promote-<table>` changes.
 PRESET     ?= paper
-SEEDS      ?= $(if $(filter tiny,$(PRESET)),3,1)
-DATA_ROOT  ?= $(or $(IMAGENET_ROOT),data/imagenet)
+SEEDS      ?=
 TRAIN_ARGS ?=
-RUN_STAMP  := $(shell date +%Y%m%d-%H%M%S)
-.PHONY: reproduce-table2 reproduce-table3 reproduce-table6
+DATA_ROOT  ?= $(IMAGENET_ROOT)
+.PHONY: reproduce-% promote-%
 
-define reproduce_table
-	@set -euo pipefail; \
-	case "$(PRESET)" in paper|tiny) ;; *) echo "error: PRESET must be paper or tiny, got '$(PRESET)'" >&2; exit 2;; esac; \
-	[[ "$(SEEDS)" =~ ^[1-9][0-9]*$$ ]] || { echo "error: SEEDS must be a positive integer, got '$(SEEDS)'" >&2; exit 2; }; \
-	data_arg=""; \
-	if [[ "$(PRESET)" == paper ]]; then \
-		if [[ ! -d "$(DATA_ROOT)/train" || ! -d "$(DATA_ROOT)/val" ]]; then \
-			echo "error: ImageNet-1k not found at DATA_ROOT=$(DATA_ROOT) (needs $(DATA_ROOT)/train/<class>/ and $(DATA_ROOT)/val/<class>/)." >&2; \
-			echo "  Either point DATA_ROOT (or IMAGENET_ROOT) at an ImageNet ImageFolder:  make $@ DATA_ROOT=/path/to/imagenet" >&2; \
-			echo "  or run the small CPU version on Fashion-MNIST:                         make $@ PRESET=tiny" >&2; \
-			exit 2; \
-		fi; \
-		data_arg="data.root=$(DATA_ROOT)"; \
-	fi; \
-	runs=results/table$(1)/runs/$(PRESET)/$(RUN_STAMP); \
-	echo "==> Table $(1), preset $(PRESET), seeds 0..$$(( $(SEEDS) - 1 )) -> $$runs"; \
-	start=$$SECONDS; \
-	$(PY) scripts/train.py -m experiment=table$(1) preset=$(PRESET) "seed=range(0,$(SEEDS))" \
-		hydra.sweep.dir=$$runs $$data_arg $(TRAIN_ARGS); \
-	echo "==> sweep done in $$(( SECONDS - start )) s"; \
-	$(PY) scripts/aggregate_tables.py --table $(1) --runs $$runs --out results/table$(1)/$(PRESET); \
-	echo "==> Table $(1) ($(PRESET)) done in $$(( SECONDS - start )) s"
-endef
+reproduce-%: install  ## reproduce a paper table: make reproduce-table2 PRESET=tiny [SEEDS=..]
+	$(PY) scripts/reproduce.py $* --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS)) -- \
+		$(if $(DATA_ROOT),data.root=$(DATA_ROOT)) $(TRAIN_ARGS)
 
-reproduce-table2: install  ## Table 2: Chimera-ViT-B vs ViT-B (PRESET=paper|tiny SEEDS=n DATA_ROOT=...)
-	$(call reproduce_table,2)
-
-reproduce-table3: install  ## Table 3: 2D DAG vs flattened fwd+rev vs fwd (PRESET, SEEDS, DATA_ROOT)
-	$(call reproduce_table,3)
-
-reproduce-table6: install  ## Table 6: B/C sharing none/complete/rowwise/diagonal (PRESET, SEEDS, DATA_ROOT)
-	$(call reproduce_table,6)
+promote-%:  ## copy results/tables/<table>/<PRESET> to results/reference/ (what the README quotes)
+	@test -f results/tables/$*/$(PRESET)/table.md || \
+		{ echo "error: results/tables/$*/$(PRESET)/table.md does not exist; run make reproduce-$* PRESET=$(PRESET) first" >&2; exit 2; }
+	@mkdir -p results/reference/$*/$(PRESET)
+	cp results/tables/$*/$(PRESET)/table.md results/tables/$*/$(PRESET)/table.csv \
+		results/tables/$*/$(PRESET)/runs.csv results/reference/$*/$(PRESET)/
+	-cp results/tables/$*/$(PRESET)/table.png results/reference/$*/$(PRESET)/
+	@echo "promoted $* ($(PRESET)) to results/reference/$*/$(PRESET)/: review and commit it"

@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Train + test one image-classification configuration (Hydra entry point).
+"""Train + test any task from the Hydra config tree (conf/train.yaml).
 
-    python scripts/train.py                          # Chimera-ViT-B on ImageNet (data.root)
-    python scripts/train.py preset=tiny model=chimera_vit_s   # small CPU run, Fashion-MNIST
-    python scripts/train.py -m experiment=table3 preset=tiny 'seed=range(0,3)'  # a sweep
+    python scripts/train.py                                   # quickstart: tiny vision run, CPU
+    python scripts/train.py experiment=vision/table3 preset=vision/tiny
+    python scripts/train.py -m experiment=vision/table3 preset=vision/tiny seed=0,1,2
+    python scripts/train.py experiment=vision/table2 ckpt_path=last   # resume this run dir
 
-Everything is instantiated from conf/ (see conf/train.yaml); the run directory receives the
-Lightning logs, checkpoints and ``metrics.json`` (read by scripts/aggregate_tables.py).
+Everything happens in tasks.core.driver (seed -> data -> module -> callbacks -> loggers ->
+trainer -> fit -> test -> metrics.json), with its failure handling.
 """
 
 from __future__ import annotations
@@ -24,15 +25,9 @@ if str(ROOT) not in sys.path:  # allow running from a checkout without an editab
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from tasks.imagenet.data import DataNotFoundError
-    from tasks.imagenet.run import run
+    from tasks.core.driver import main as run_main
 
-    try:
-        result = run(cfg)
-    except DataNotFoundError as e:
-        print(f"\nerror: {e}\n", file=sys.stderr, flush=True)
-        sys.exit(2)
-    return result["metrics"].get("val/acc1")
+    return run_main(cfg)
 
 
 if __name__ == "__main__":

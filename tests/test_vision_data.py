@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.imagenet.data import (
+from tasks.vision.data import (
     DEBIAN_FASHION_MNIST,
     DataNotFoundError,
     FakeImageDataModule,

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Reproduce one paper table: its sweep (resumable), then the table beside the paper's numbers.
+
+    python scripts/reproduce.py table3 --preset tiny [--seeds 0,1,2] [-- extra overrides]
+
+Runs go to results/runs/<table>/<preset>/<member>/seed<k>/ and the table to
+results/tables/<table>/<preset>/ (both ignored by git). Re-running skips finished members and
+resumes unfinished ones from their last checkpoint. The reference tables that the README quotes
+live in results/reference/ and change only through `make promote-<table>` (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def preflight(experiment: str, preset: str, overrides: list[str]) -> None:
+    """Compose the first member and check its data, so a missing dataset stops everything
+    at once with the data module's message (not once per member)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from tasks.core.driver import apply_model_size, instantiate
+    from tasks.core.errors import RunError
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}", f"preset={preset}",
+                                          *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(ROOT / "results" / ".preflight")
+    HydraConfig.instance().set_config(cfg)
+    try:
+        cfg = apply_model_size(cfg)
+        instantiate(cfg.data).prepare_data()
+    except RunError as e:
+        print(f"\nerror: {e}\n", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tasks.core.tables import find_experiment, load_spec, write_table
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], [a for a in argv[i + 1:] if a]
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("table")
+    ap.add_argument("--preset", default="paper")
+    ap.add_argument("--seeds", default=None, help="comma-separated, or a count n (0..n-1)")
+    ap.add_argument("--runs", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    experiment = find_experiment(args.table)
+    family, name = experiment.split("/") if "/" in experiment else ("", experiment)
+    preset = f"{family}/{args.preset}" if family else args.preset
+    if not (ROOT / "conf" / "preset" / f"{preset}.yaml").is_file():
+        print(f"error: no preset {args.preset!r} for {experiment} (conf/preset/{preset}.yaml)",
+              file=sys.stderr)
+        return 2
+    spec = load_spec(experiment)
+    if args.seeds is None:
+        seeds = list(spec.get("seeds", {}).get(args.preset, [0]))
+    elif args.seeds.isdigit():
+        seeds = list(range(int(args.seeds)))
+    else:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    runs = args.runs or ROOT / "results" / "runs" / name / args.preset
+    out = args.out or ROOT / "results" / "tables" / name / args.preset
+    preflight(experiment, preset, extra)
+
+    print(f"==> {name}, preset {args.preset}, seeds {seeds} -> {runs}", flush=True)
+    start = time.time()
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", f"experiment={experiment}",
+           f"preset={preset}", "seed=" + ",".join(str(s) for s in seeds),
+           f"hydra.sweep.dir={runs}", *extra]
+    sweep_rc = subprocess.call(cmd, cwd=ROOT)
+    print(f"==> sweep finished in {time.time() - start:.0f} s (exit {sweep_rc})", flush=True)
+    md, result = write_table(experiment, runs, out, args.preset, seeds)
+    print(md)
+    print(f"==> table: {out}/table.md (+ table.csv, runs.csv, table.png)")
+    incomplete = [r for r in result if r.status != "done"]
+    if incomplete:
+        print(f"error: {len(incomplete)} of {len(result)} runs did not finish; re-run the same "
+              f"command to retry them (finished runs are skipped)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The table aggregation (tasks/core/tables.py) on synthetic run folders: the paper's layout
+from each experiment's declarative `table:` node, no per-table code."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tasks.core.tables import collect_runs, find_experiment, load_spec, write_table
+from tests.helpers import ROOT
+
+TABLE_EXPERIMENTS = sorted(
+    str(p.relative_to(ROOT / "conf" / "experiment").with_suffix(""))
+    for p in (ROOT / "conf" / "experiment").glob("*/*.yaml") if "table" in OmegaConf.load(p))
+
+
+def write_run(runs: Path, member: str, seed: int, acc: float, test: bool = True,
+              meta: dict | None = None) -> None:
+    d = runs / member / f"seed{seed}"
+    d.mkdir(parents=True)
+    metrics = {}
+    for split in ("val", "test") if test else ("val",):
+        metrics.update({f"{split}/acc1": acc, f"{split}/ema_acc1": acc - 0.01,
+                        f"{split}/acc5": acc + 0.2, f"{split}/ema_acc5": acc + 0.19})
+    (d / "metrics.json").write_text(json.dumps({
+        "member": member, "seed": seed, "preset": "tiny", "params": 126_306,
+        "total_time_s": 50.0, "metrics": metrics, "meta": meta or {}}))
+
+
+def test_every_table_spec_is_well_formed():
+    assert {"vision/table2", "vision/table3", "vision/table6"} <= set(TABLE_EXPERIMENTS)
+    for exp in TABLE_EXPERIMENTS:
+        spec = load_spec(exp)
+        assert spec["title"] and spec["columns"] and spec["rows"]
+        assert set(spec["seeds"]) >= {"paper", "tiny"}
+        for row in spec["rows"]:
+            assert len(row.get("paper") or spec["columns"]) == len(spec["columns"]), row
+
+
+def test_table2_layout_and_paper_columns(tmp_path):
+    runs = tmp_path / "runs"
+    for member, vals in {"chimera_vit_b": [0.70, 0.72, 0.74], "vit_b": [0.60, 0.61, 0.62]}.items():
+        for seed, a in enumerate(vals):
+            write_run(runs, member, seed, a)
+    out = tmp_path / "out"
+    md, result = write_table(find_experiment("table2"), runs, out, "tiny")
+    assert all(r.status == "done" for r in result) and len(result) == 6
+    for header in ("Top-1 Acc (ours)", "Top-1 Acc (paper)", "Top-1 Acc EMA (paper)",
+                   "Top-5 Acc (paper)", "Top-5 Acc EMA (ours)"):
+        assert header in md
+    assert "| ViT-B |" in md and "| 78.8 |" in md and "| 80.6 |" in md and "| 95.2 |" in md
+    assert "| Chimera-ViT-B |" in md and "| 81.4 |" in md and "S4-ViT-B" in md
+    sd = statistics.stdev([70.0, 72.0, 74.0])
+    assert f"72.0 ± {sd:.1f}" in md and "split `test`" in md and "Incomplete" not in md
+    rows = {r["label"]: r for r in csv.DictReader(open(out / "table.csv"))}
+    assert float(rows["Chimera-ViT-B"]["Top-1 Acc mean"]) == pytest.approx(72.0)
+    assert float(rows["Chimera-ViT-B"]["Top-1 Acc std"]) == pytest.approx(sd)
+    assert float(rows["ViT-B"]["Top-5 Acc EMA mean"]) == pytest.approx(80.0)
+    assert float(rows["ViT-B"]["Top-1 Acc paper"]) == 78.8
+    assert rows["Chimera-ViT-B"]["runs"] == "3" and rows["S4-ViT-B"]["runs"] == "0"
+    assert len(list(csv.DictReader(open(out / "runs.csv")))) == 6
+    assert (out / "table.png").stat().st_size > 1000
+
+
+def test_missing_seed_is_listed_not_averaged_away(tmp_path):
+    runs = tmp_path / "runs"
+    for t, member in enumerate(["grid", "flat_fwd_rev", "flat_fwd"]):
+        for seed in (0, 1, 2):
+            if (member, seed) != ("grid", 2):
+                write_run(runs, member, seed, 0.5 + 0.01 * t, test=False)
+    (runs / "grid" / "seed2").mkdir(parents=True)
+    (runs / "grid" / "seed2" / "error.txt").write_text("NonFiniteError: step 3: loss is nan\n")
+    md, result = write_table("vision/table3", runs, tmp_path / "out", "tiny", make_plot=False)
+    assert "split `val`" in md and "| 2/3 |" in md
+    assert "failed: `grid/seed2`: NonFiniteError: step 3: loss is nan" in md
+    assert sum(r.status == "failed" for r in result) == 1
+
+
+def test_rows_and_columns_by_meta_and_mean_of(tmp_path):
+    """The GLUE shape: a row per model, a column per task (selected by the run's meta), and a
+    score column that is the per-seed mean of other columns."""
+    spec = {"title": "t", "split": "val", "seeds": {"tiny": [0, 1]},
+            "columns": [{"metric": "acc1", "label": "A", "where": {"task": "a"}, "scale": 100},
+                        {"metric": "acc1", "label": "B", "where": {"task": "b"}, "scale": 100},
+                        {"label": "Score", "mean_of": ["A", "B"]}],
+            "rows": [{"label": "M", "where": {"model": "m"}, "paper": [1.0, 2.0, 1.5]}]}
+    runs = tmp_path / "runs"
+    for task, acc in (("a", 0.5), ("b", 0.7)):
+        for seed in (0, 1):
+            write_run(runs, f"m-{task}", seed, acc + 0.1 * seed, test=False,
+                      meta={"model": "m", "task": task})
+    from tasks.core.tables import _split, aggregate
+
+    result = collect_runs({**spec, "rows": []}, runs, [0, 1])
+    rows = aggregate(spec, result, _split(spec, result))
+    assert rows[0]["A mean"] == pytest.approx(55.0) and rows[0]["B mean"] == pytest.approx(75.0)
+    assert rows[0]["Score mean"] == pytest.approx(65.0) and rows[0]["Score n"] == 2
+
+
+def test_reproduce_cli_preflight_names_the_missing_data(tmp_path):
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-imagenet"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce.py"), "table2",
+                           "--preset", "paper", "--runs", str(tmp_path / "r"), "--out",
+                           str(tmp_path / "o"), "--", f"data.root={missing}"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert str(missing) in proc.stderr and "PRESET=tiny" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+    # make: the generic rule serves every table (`-o install`: skip the install step)
+    proc = subprocess.run(["make", "-s", "-o", "install", "reproduce-table3",
+                           f"DATA_ROOT={missing}"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
+    assert proc.returncode != 0 and str(missing) in proc.stderr
+    proc = subprocess.run(["make", "-s", "promote-table9", "PRESET=tiny"], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2 and "make reproduce-table9" in proc.stderr

@@ -51,6 +51,11 @@ def run_train(args: list[str], timeout: int = 600, env: dict | None = None
               ) -> subprocess.CompletedProcess:
     """``python scripts/train.py <args>`` in a subprocess, from the repository root."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled",
-                "HYDRA_FULL_ERROR": "0", **(env or {})}
+                "HYDRA_FULL_ERROR": "0"}
+    for k, v in (env or {}).items():  # None removes a variable
+        if v is None:
+            full_env.pop(k, None)
+        else:
+            full_env[k] = v
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args],
                           capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)

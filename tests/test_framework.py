@@ -225,16 +225,58 @@ def test_ddp_two_cpu_processes_match_one_process(fmnist_root, tmp_path):
 def test_scale_out_configs_compose():
     from hydra import compose, initialize_config_dir
 
-    overrides = ["experiment=vision/table2", "hydra/launcher=submitit_slurm", "trainer=ddp",
-                 "trainer.num_nodes=2", "hydra.launcher.nodes=2",
-                 "hydra.launcher.gpus_per_node=8", "hydra.launcher.tasks_per_node=8",
-                 "logger=wandb"]
+    overrides = ["experiment=vision/table2", "hydra/launcher=slurm", "trainer=ddp",
+                 "trainer.num_nodes=2", "logger=wandb", "hydra.launcher.partition=gpu"]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (2, 8, 8)
+    assert launcher.max_num_timeout > 0  # requeued on time-out, resumed from last.ckpt
     assert cfg.trainer.strategy._target_.endswith("HydraDDPStrategy")
     assert cfg.trainer.devices == 8 and cfg.trainer.num_nodes == 2
     assert cfg.logger.wandb._target_.endswith("WandbLogger") and "csv" in cfg.logger
+
+
+# --- §7 tracking ----------------------------------------------------------------------------
+def test_wandb_falls_back_to_offline_without_key_or_network(monkeypatch, tmp_path, capsys):
+    import time
+
+    from tasks.core import tracking
+
+    for k in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(tracking.netrc, "netrc", lambda: (_ for _ in ()).throw(
+        FileNotFoundError()))
+    mode, notice = tracking.wandb_mode()
+    assert mode == "offline" and "no API key" in notice
+    # a key, but the server is unreachable (a closed local port): offline at once, no hang
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    t = time.time()
+    mode, notice = tracking.wandb_mode()
+    assert mode == "offline" and "not reachable" in notice and time.time() - t < 5
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the user's choice wins
+    assert tracking.wandb_mode() == ("disabled", None)
+    # the run id lives in the run dir: a resumed run continues the same W&B run
+    first = tracking.wandb_run_id(tmp_path / "run")
+    assert tracking.wandb_run_id(tmp_path / "run") == first
+    node = tracking.prepare_wandb_kwargs({"project": "p"}, tmp_path / "run")
+    assert node["id"] == first and node["resume"] == "allow"
+
+
+def test_wandb_logger_run_offline_keeps_its_id_on_resume(fmnist_root, tmp_path):
+    env = {"WANDB_MODE": None, "WANDB_API_KEY": None, "HOME": str(tmp_path),
+           "WANDB_CONFIG_DIR": str(tmp_path / "wcfg"), "WANDB_CACHE_DIR": str(tmp_path / "wc")}
+    args = tiny_args(fmnist_root, tmp_path, "trainer.max_epochs=1", "data.subset_train=32",
+                     "logger=wandb", "tags=[test]")
+    proc = run_train(args, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "W&B: no API key" in proc.stdout
+    out = run_dir(tmp_path)
+    run_id = (out / "wandb_id.txt").read_text().strip()
+    assert list((out / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert (out / "csv").is_dir() and (out / METRICS).is_file()  # tables never need W&B
 
 
 # --- units ----------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import netrc
 import os
+import secrets
 import socket
+import string
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -58,9 +60,8 @@ def wandb_run_id(output_dir: str | os.PathLike) -> str:
     path = Path(output_dir) / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    alphabet = string.ascii_lowercase + string.digits  # W&B's own id alphabet
+    run_id = "".join(secrets.choice(alphabet) for _ in range(8))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id + "\n")
     return run_id

@@ -150,6 +150,7 @@ def test_sweep_records_failure_continues_and_table_lists_it(fmnist_root, tmp_pat
     ("unknown topology", ["model.net.topology=hexagon"], 2, "hexagon"),
     ("unknown method", ["model.net.method=magic"], 2, "magic"),
     ("no tiny size", ["~model.sizes.tiny"], 2, "has no 'tiny' size"),
+    ("no budget", ["trainer.max_epochs=null"], 2, "set trainer.max_epochs or trainer.max_steps"),
     ("nan input", ["+callbacks.bad._target_=tests.helpers.RaiseAtStep", "+callbacks.bad.step=1",
                    "+callbacks.bad.kind=nan_input"], 3, "NaN"),
     ("nan loss", ["+callbacks.bad._target_=tests.helpers.RaiseAtStep", "+callbacks.bad.step=1",

@@ -256,6 +256,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             run_cfg.model_size = None
         OmegaConf.save(run_cfg, out / RUN_CONFIG_FILE)
 
+    t = cfg.trainer
+    if (cfg.get("train", True) and t.get("max_epochs") is None
+            and t.get("max_steps", -1) in (None, -1) and not t.get("fast_dev_run")):
+        raise ConfigError("the run has no budget: set trainer.max_epochs or trainer.max_steps in "
+                          "the experiment (or preset); the generic trainer config sets neither")
+
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path == "last" or (ckpt_path is None and state == "resume"
                                and cfg.get("resume", True)):

@@ -64,13 +64,15 @@ def test_merged_corners_match_reference(shape, sharing):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
-def test_subset_of_corners_and_no_scales():
+@pytest.mark.parametrize("picks", [[1, 2], [3], [0]])
+def test_subset_of_corners_and_no_scales(picks):
     topo = grid(3, 4)
     dags, V, B, C, ws, _ = _inputs(topo, G=1)
-    picks = [1, 2]  # one top (down sweep) and one bottom (up sweep) corner
-    y = mix_sum(V, B, C, [ws[k] for k in picks], [dags[k] for k in picks], [0, 0])
-    ones = [torch.ones_like(V[..., 0])] * 2
-    y_ref = _oracle(V, B, C, [ws[k] for k in picks], ones, [dags[k] for k in picks], [0, 0])
+    # [1, 2]: one top (down sweep) and one bottom (up sweep) corner; single corners too
+    groups = [0] * len(picks)
+    y = mix_sum(V, B, C, [ws[k] for k in picks], [dags[k] for k in picks], groups)
+    ones = [torch.ones_like(V[..., 0])] * len(picks)
+    y_ref = _oracle(V, B, C, [ws[k] for k in picks], ones, [dags[k] for k in picks], groups)
     torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
 
 

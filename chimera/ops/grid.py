@@ -20,16 +20,15 @@ Input scaling is folded into the mask: the mixer scales ``V`` per DAG (``s_k``, 
 ``I`` by ``diag(s_r)``, so the sweep builds ``L diag(s)`` at no extra cost.
 
 :func:`mix_grid_corners` computes ``Σ_k (L_k diag(s_k) ∘ C_{g(k)} B_{g(k)}ᵀ) V`` for the corner
-DAGs of one grid. DAGs whose B/C group is the same share the score matrix ``C Bᵀ``, so their masks
-are summed before multiplying by it (with the paper's diagonal sharing TL+BR and TR+BL), and all
-groups' masked scores are summed before the one ``T x T`` by ``T x P`` product per head. The
-scores are computed once per group and batch entry, not per head (B/C are shared by the heads).
-Compared with one SMA per DAG this halves the large matmul work (one dense product instead of
-four half-triangular ones) and replaces thousands of small per-row products by a handful of
-large ones. The row sweeps of all corners and the masking by the scores are one custom
-autograd function (:class:`_CornerSMAMask`) whose backward is the hand-written adjoint sweep:
-no autograd graph of ``H`` steps, and no per-corner mask or masked score matrix ever exists
-as a ``T x T`` tensor (the only one is the final mask).
+DAGs of one grid as one SMA: the masked scores of all corners are summed into one ``T x T`` mask
+per head, then multiplied by ``V`` once. The scores ``C Bᵀ`` are computed once per B/C group and
+batch entry, not per head (B/C are shared by the heads; with the paper's diagonal sharing TL+BR
+and TR+BL use one score matrix each). Compared with one SMA per DAG this halves the large matmul
+work (one dense product instead of four half-triangular ones) and replaces thousands of small
+per-row products by a handful of large ones. The row sweeps of all corners and the masking by
+the scores are one custom autograd function (:class:`_CornerSMAMask`) whose backward is the
+hand-written adjoint sweep: no autograd graph of ``H`` steps, and no per-corner mask or masked
+score matrix ever exists as a ``T x T`` tensor (the only one is the final mask).
 
 For grids above :data:`MASK_MAX_NODES` nodes the ``T x T`` masks get too large and
 :func:`mix_grid_dag` (one DAG, the SMA fused row by row) or the state scan apply.

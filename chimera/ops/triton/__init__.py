@@ -15,7 +15,8 @@ program ``(p_block, head, batch)`` owns an ``N x BLOCK_P`` column slice of every
 walks all nodes in topological order itself, reading parents through a CSR-by-target list
 (children through a CSR-by-source list in the backward). Slices never interact, so the sweep is
 race-free with no grid synchronisation. The states ``H`` (``batch x T x heads x N x P`` in fp32)
-are stored by the forward for the backward, like :mod:`chimera.ops.scan` does.
+are stored by the forward for the backward (:mod:`chimera.ops.scan`'s PyTorch version recomputes
+them in its backward instead; a recomputing kernel is future work).
 
 Known limits:
 

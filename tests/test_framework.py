@@ -298,7 +298,7 @@ def test_epoch_sampler_order_resume_and_sharding(monkeypatch):
     assert ranks[0] == full[0::2] and ranks[1] == full[1::2]
 
 
-def test_loader_augmentation_does_not_touch_global_rng():
+def test_loader_augmentation_is_per_sample_and_keeps_torch_rng():
     class Noisy(torch.utils.data.Dataset):
         def __len__(self):
             return 8

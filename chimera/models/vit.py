@@ -27,21 +27,30 @@ Where the paper is silent the release decides, and the choice is an argument:
 - block norm ``norm="layer"`` (the release's ``norm: layer``; Mamba-2 would use RMSNorm),
 - ``dag_norm="count"`` is the paper's eq. 16; the release divides by ``sqrt(|p(i)|)``
   (``dag_norm="sqrt"``).
+
+As a timm backbone the model follows timm's ViT: ``forward_features`` gives the unpooled tokens,
+``forward_head`` pools and classifies, every block is a ``feature_info`` level at the patch
+stride, ``forward_intermediates`` / ``prune_intermediate_layers`` serve necks, and
+``features_only=True`` (``out_indices``, default the last 3 blocks) returns NCHW maps. The input
+size is fixed at construction (``img_size``), since the topology is built for one patch grid.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from timm.layers import PatchEmbed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
 from chimera.block import ChimeraBlock, make_norm
 from chimera.topology import Topology, flat_grid, grid
 
 TOPOLOGIES: tuple[str, ...] = ("grid", "flat_fwd_rev", "flat_fwd")
+# token pooling of the head, as timm's ViT names them ("token" needs a CLS token: there is none)
+POOLS: tuple[str, ...] = ("avg", "max", "avgmax", "")
 
 # the local convolution each topology needs (see chimera.local_conv.conv_kind_for)
 _CONV_FOR = {"grid": "grid", "flat_fwd_rev": "line", "flat_fwd": "causal_line"}
@@ -66,6 +75,28 @@ def _to_2tuple(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return int(v), int(v)
 
 
+def _take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """timm's block selection: ``None`` = every block, an int ``n`` = the last ``n`` blocks, a
+    sequence = those block indices (negative ones count from the end). Returns the absolute
+    indices and the largest one (the last block that has to run)."""
+    if indices is None:
+        indices = num_blocks
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"last-n indices={indices} is out of range 1..{num_blocks}")
+        take = list(range(num_blocks - indices, num_blocks))
+    else:
+        take = []
+        for i in indices:
+            j = num_blocks + i if i < 0 else i
+            if not 0 <= j < num_blocks:
+                raise ValueError(f"block index {i} is out of range for {num_blocks} blocks")
+            take.append(j)
+        if not take:
+            raise ValueError("indices selects no block")
+    return take, max(take)
+
+
 class ChimeraViT(nn.Module):
     """Chimera-ViT classifier (see the module docstring).
 
@@ -84,7 +115,8 @@ class ChimeraViT(nn.Module):
         drop_rate: dropout before the head. drop_path_rate: stochastic depth, linearly increasing
             over the blocks from 0 to this value (as timm's ViT).
         norm: ``layer`` (release) or ``rms``; used in the blocks and the final norm.
-        global_pool: ``avg`` (the paper) or ``""`` (no pooling, ``forward_head`` returns tokens).
+        global_pool: ``avg`` (the paper), ``max``, ``avgmax`` or ``""`` (no pooling:
+            ``forward_head`` returns the tokens).
         **mixer_kwargs: forwarded to :class:`chimera.ChimeraMixer` (``dag_norm``, ``method``,
             ``dt_min``, ...).
     """
@@ -112,8 +144,8 @@ class ChimeraViT(nn.Module):
         super().__init__()
         if topology not in TOPOLOGIES:
             raise ValueError(f"unknown topology {topology!r}; choose one of {TOPOLOGIES}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        if global_pool not in POOLS:
+            raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
         d_inner = int(expand * embed_dim)
         if d_inner % num_heads:
             raise ValueError(
@@ -122,9 +154,11 @@ class ChimeraViT(nn.Module):
         if img_size[0] % patch_size[0] or img_size[1] % patch_size[1]:
             raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
         self.num_classes = num_classes
+        self.in_chans = in_chans  # timm reads it for the model's input config
         self.global_pool = global_pool
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 0  # no CLS token
+        self.grad_checkpointing = False
         self.topology_name = topology
         self.sharing = sharing
         self.headdim = d_inner // num_heads
@@ -154,6 +188,11 @@ class ChimeraViT(nn.Module):
             )
             for i in range(depth)
         )
+        # every block keeps the patch grid, so each is a feature level at the patch stride, as in
+        # timm's ViT (detection/segmentation necks pick some of them via out_indices)
+        reduction = self.patch_embed.feat_ratio(as_scalar=True)
+        self.feature_info = [dict(num_chs=embed_dim, reduction=reduction, module=f"blocks.{i}")
+                             for i in range(depth)]
         self.norm = make_norm(norm, embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -175,27 +214,132 @@ class ChimeraViT(nn.Module):
         return {n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups in depth order, for timm's layer-wise lr decay: the patch embedding,
+        one group per block, the final norm (timm puts it with the last block; the head, matched
+        by nothing, comes above). ``coarse`` is timm's flag; the grouping is per block either
+        way."""
+        return dict(stem=r"^patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
+        """A fresh head for ``num_classes`` (0: none, ``forward`` returns the pooled features);
+        ``global_pool`` changes the pooling (``""``: none, ``forward`` returns the tokens)."""
         if global_pool is not None:
+            if global_pool not in POOLS:
+                raise ValueError(f"global_pool must be one of {POOLS}, got {global_pool!r}")
             self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.num_classes = num_classes
+        # the new head lives where the old model does (device, dtype) and in its train/eval mode
+        ref = self.patch_embed.proj.weight
+        self.head = (nn.Linear(self.embed_dim, num_classes, device=ref.device, dtype=ref.dtype)
+                     if num_classes > 0 else nn.Identity())
         self._init_weights(self.head)
+        self.head.train(self.training)
+
+    def _run_block(self, blk: nn.Module, x: Tensor) -> Tensor:
+        # recomputation only saves memory when a graph is being recorded
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(blk, x, self.topology)
+        return blk(x, self.topology)
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """``(batch, C, H, W)`` images -> ``(batch, T, embed_dim)`` normalised patch tokens."""
+        """``(batch, C, H, W)`` images -> ``(batch, T, embed_dim)`` normalised patch tokens,
+        unpooled (``T = grid_size[0] * grid_size[1]`` in row-major order; no CLS token)."""
         x = self.patch_embed(x)  # (b, T, D), row-major patches (timm's flatten)
         for blk in self.blocks:
-            x = blk(x, self.topology)
+            x = self._run_block(blk, x)
         return self.norm(x)
 
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Block outputs for necks and feature extraction (timm's contract).
+
+        Args:
+            x: ``(batch, C, H, W)`` images.
+            indices: blocks to return: ``None`` all, an int ``n`` the last ``n``, a sequence
+                those indices (negative from the end).
+            norm: pass each intermediate through the final norm.
+            stop_early: skip the blocks after the last one requested (the final features are then
+                those of that block, normed).
+            output_fmt: ``NCHW`` (``(batch, embed_dim, gh, gw)`` maps) or ``NLC`` (tokens).
+            intermediates_only: return only the list of intermediates.
+
+        Returns:
+            The intermediates, or ``(final features as forward_features gives them,
+            intermediates)``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, last = _take_indices(len(self.blocks), indices)
+        batch, _, height, width = x.shape
+        x = self.patch_embed(x)
+        blocks = self.blocks[: last + 1] if stop_early or intermediates_only else self.blocks
+        intermediates = []
+        for i, blk in enumerate(blocks):
+            x = self._run_block(blk, x)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+        if output_fmt == "NCHW":
+            # tokens are the row-major patch grid (PatchEmbed's flatten order), so a reshape
+            # recovers the map
+            gh, gw = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(batch, gh, gw, -1).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | Sequence[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop what ``forward_intermediates(indices=...)`` does not need: the blocks after the
+        last requested one, the final norm if ``prune_norm``, the head (and pooling) if
+        ``prune_head``. Returns the absolute indices to pass from now on (negative ones would
+        point elsewhere once blocks are gone)."""
+        take, last = _take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: last + 1]
+        self.feature_info = self.feature_info[: last + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        """``(batch, T, D)`` tokens -> ``(batch, D)`` with ``pool_type`` (default: the model's)."""
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if pool_type == "avg":
+            return x.mean(dim=1)
+        if pool_type == "max":
+            return x.amax(dim=1)
+        if pool_type == "avgmax":
+            return 0.5 * (x.mean(dim=1) + x.amax(dim=1))
+        if pool_type == "":
+            return x
+        raise ValueError(f"pool_type must be one of {POOLS}, got {pool_type!r}")
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        if self.global_pool == "avg":
-            x = x.mean(dim=1)
-        x = self.head_drop(x)
+        """``forward_features`` tokens -> logits (``pre_logits``: the pooled features)."""
+        x = self.head_drop(self.pool(x))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -204,14 +348,17 @@ class ChimeraViT(nn.Module):
 
 # --- timm registry -----------------------------------------------------------------------
 def _cfg(**kwargs: Any) -> dict[str, Any]:
+    # pool_size: the patch grid that forward_features' tokens (and the NCHW intermediates) cover,
+    # 224 / 16 = 14; ViT-like models in timm leave it None, it is given here so that a neck can
+    # read the feature-map size from the config
     return {
         "url": "",
         "num_classes": 1000,
         "input_size": (3, 224, 224),
-        "pool_size": None,
+        "pool_size": (14, 14),
         "crop_pct": 0.875,
         "interpolation": "bicubic",
-        "fixed_input_size": True,
+        "fixed_input_size": True,  # the topology is built for one patch grid
         "mean": (0.485, 0.456, 0.406),
         "std": (0.229, 0.224, 0.225),
         "first_conv": "patch_embed.proj",
@@ -231,7 +378,12 @@ default_cfgs = generate_default_cfgs({
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> ChimeraViT:
     if pretrained:
         raise ValueError(f"no pretrained weights are published for {variant}")
-    return build_model_with_cfg(ChimeraViT, variant, pretrained, **kwargs)
+    # features_only=True wraps the model in timm's FeatureGetterNet, which prunes the unused blocks
+    # and calls forward_intermediates; by default the last 3 blocks, as timm's ViT
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(ChimeraViT, variant, pretrained,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+                                **kwargs)
 
 
 @register_model

@@ -576,6 +576,12 @@ class GraphModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.head = _mlp(hidden, out_dim, head_layers)
 
+    def no_weight_decay(self) -> set[str]:
+        """Names of the parameters the mixer marks ``_no_weight_decay`` (``dt_bias``, ``A_log``,
+        ``D``): decaying them would pull the selectivity towards a fixed value, so optimizer
+        builders (``tasks.core.optim``, timm) leave them out of weight decay."""
+        return {n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
+
     def forward(self, data) -> Tensor:
         x, edge_index = data.x, data.edge_index
         batch = getattr(data, "batch", None)

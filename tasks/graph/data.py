@@ -35,7 +35,10 @@ from torch import Tensor
 from torch_geometric.data import Data, InMemoryDataset
 from torch_geometric.datasets import LRGBDataset
 from torch_geometric.loader import DataLoader
+from torch_geometric.loader.dataloader import Collater
 
+from tasks.core.data import ResumableDataLoader, train_loader
+from tasks.core.errors import DataNotFoundError
 from tasks.graph.metrics import LRGB_TASKS, LRGBTask
 from tasks.graph.transforms import graph_structure, structure_for_graphs, validate_graph
 
@@ -411,8 +414,22 @@ class PeptidesFuncRaw(_SafeLoadMixin, InMemoryDataset):
 
 
 # ----------------------------------------------------------------------------- data module
+def _head(ds: Any, n: int | None) -> Any:
+    """The first ``n`` graphs of a split (all when ``n`` is None). LRGB's splits are random
+    (Peptides: stratified), so a split's head is a fair sample of it."""
+    if n is None:
+        return ds
+    if n <= 0:
+        raise ValueError(f"a split subset must be a positive number of graphs, got {n}")
+    return ds[: min(n, len(ds))]
+
+
 class LRGBDataModule(LightningDataModule):
-    """Train / val / test loaders for an LRGB dataset (PyG ``DataLoader`` batches).
+    """Train / val / test loaders for an LRGB dataset (PyG batches).
+
+    The training loader is the shared :func:`tasks.core.data.train_loader` (a seeded epoch
+    order, exact mid-epoch resume, DDP sharding by rank; set ``trainer.use_distributed_sampler``
+    to false, as the shared trainer config does) with PyG's ``Collater``.
 
     Args:
         name: ``"peptides-func"``, ``"peptides-struct"``, ``"pascalvoc-sp"`` or ``"coco-sp"``.
@@ -423,9 +440,17 @@ class LRGBDataModule(LightningDataModule):
         batch_size: training batch size (Table 11: 64 / 64 / 32 / 32); ``eval_batch_size``
             defaults to it.
         structure: pre-compute BFS depths and diameters for Chimera (cached with the data).
-        subset: keep the first ``subset`` graphs (raw: molecules of the release; pyg: graphs
-            of every split), for tests and smoke runs.
+        subset: keep the first ``subset`` graphs (raw: molecules of the release, parsed and
+            cached on their own; pyg: graphs of every split), for tests and smoke runs.
+        subset_train, subset_val, subset_test: keep the first graphs of one split of the full
+            dataset (small budgets on the full, cached parse).
+        test_each_epoch: evaluate the test split beside validation every epoch (a second
+            validation loader), for the test score at the best validation epoch
+            (:class:`tasks.graph.module.BestEpoch`).
+        seed: the training order's seed (the run's seed).
         cache_dir: cache of the raw loader (default ``~/.cache/chimera/peptides-func``).
+        download: ``source="pyg"``: download when the processed files are missing.
+        config_key: the config key of ``root``, named in the missing-data error.
     """
 
     def __init__(
@@ -439,9 +464,16 @@ class LRGBDataModule(LightningDataModule):
         pin_memory: bool = False,
         structure: bool = True,
         subset: int | None = None,
+        subset_train: int | None = None,
+        subset_val: int | None = None,
+        subset_test: int | None = None,
+        test_each_epoch: bool = False,
+        seed: int = 0,
         cache_dir: str | os.PathLike | None = None,
         check_md5: bool = True,
         parse_workers: int = 0,
+        download: bool = True,
+        config_key: str = "data.root",
     ) -> None:
         super().__init__()
         key = name.lower()
@@ -460,7 +492,10 @@ class LRGBDataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.structure, self.subset, self.cache_dir = structure, subset, cache_dir
+        self.split_subsets = {"train": subset_train, "val": subset_val, "test": subset_test}
+        self.test_each_epoch, self.seed = test_each_epoch, int(seed)
         self.check_md5, self.parse_workers = check_md5, parse_workers
+        self.download, self.config_key = download, config_key
         self.datasets: dict[str, Any] = {}
 
     @property
@@ -468,13 +503,41 @@ class LRGBDataModule(LightningDataModule):
         """Output size, task level, loss and metric of this dataset."""
         return LRGB_TASKS[self.name]
 
+    @property
+    def has_test(self) -> bool:
+        return True
+
+    def _missing(self, why: str) -> DataNotFoundError:
+        how = ("the folder holding peptide_multi_class_dataset.csv.gz and "
+               "splits_random_stratified_peptide.json (e.g. ../shared/data/peptides-func)"
+               if self.source == "raw" else
+               f"a folder where PyG's LRGBDataset finds (or can download) {self.name}")
+        return DataNotFoundError(f"{self.name} ({self.source}) not found: {why}. "
+                                 f"Set {self.config_key}=<{how}>.")
+
     def _build(self, split: str):
         if self.source == "raw":
-            return PeptidesFuncRaw(self.root, split, cache_dir=self.cache_dir,
-                                   subset=self.subset, structure=self.structure,
-                                   check_md5=self.check_md5, parse_workers=self.parse_workers)
-        ds = SafeLRGBDataset(str(self.root), self.name, split=split, structure=self.structure)
-        return ds[: self.subset] if self.subset is not None else ds
+            try:
+                ds = PeptidesFuncRaw(self.root, split, cache_dir=self.cache_dir,
+                                     subset=self.subset, structure=self.structure,
+                                     check_md5=self.check_md5, parse_workers=self.parse_workers,
+                                     config_key=self.config_key)
+            except FileNotFoundError as e:
+                raise self._missing(str(e).split(". Set ")[0]) from e
+            return _head(ds, self.split_subsets[split])
+        processed = Path(str(self.root)) / self.name / (
+            "processed_structure" if self.structure else "processed")
+        if not self.download and not (processed / f"{split}.pt").is_file():
+            raise self._missing(f"{processed / (split + '.pt')} does not exist and "
+                                "download is off")
+        try:
+            ds = SafeLRGBDataset(str(self.root), self.name, split=split,
+                                 structure=self.structure)
+        except (OSError, ConnectionError) as e:  # no network: URLError is an OSError
+            raise self._missing(f"it is not under {self.root} and the download failed "
+                                f"({type(e).__name__}: {e})") from e
+        ds = ds[: self.subset] if self.subset is not None else ds
+        return _head(ds, self.split_subsets[split])
 
     def prepare_data(self) -> None:
         # builds (downloads / parses) and caches once, before any process reads it
@@ -485,19 +548,26 @@ class LRGBDataModule(LightningDataModule):
             if split not in self.datasets:
                 self.datasets[split] = self._build(split)
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _eval_loader(self, split: str) -> DataLoader:
         if split not in self.datasets:
             self.setup()
-        bs = self.batch_size if split == "train" else self.eval_batch_size
-        return DataLoader(self.datasets[split], batch_size=bs, shuffle=shuffle,
+        return DataLoader(self.datasets[split], batch_size=self.eval_batch_size, shuffle=False,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> ResumableDataLoader:
+        if "train" not in self.datasets:
+            self.setup()
+        ds = self.datasets["train"]
+        return train_loader(ds, batch_size=self.batch_size, seed=self.seed, shuffle=True,
+                            collate_fn=Collater(ds), num_workers=self.num_workers,
+                            pin_memory=self.pin_memory,
+                            persistent_workers=self.num_workers > 0)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        if self.test_each_epoch:  # loader 1 is logged as test/* (tasks.graph.module)
+            return [self._eval_loader("val"), self._eval_loader("test")]
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._eval_loader("test")

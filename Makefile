@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY    := .venv/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow lint bench clean
+.PHONY: help install test test-slow lint bench bench-graphs clean
 
 help:  ## list targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -23,6 +23,9 @@ lint: install  ## ruff check
 
 bench: install  ## mixer benchmark (scripts/bench_mixer.py)
 	$(PY) scripts/bench_mixer.py
+
+bench-graphs: install  ## graph layers vs nodes: Chimera exact/finite sum/DAG vs GPS vs GCN (scripts/bench_graphs.py)
+	$(PY) scripts/bench_graphs.py
 
 clean:  ## remove caches and build debris (keeps .venv; `rm -rf .venv` for a fresh install)
 	find . -path ./.venv -prune -o -type d -name __pycache__ -print0 | xargs -0 rm -rf

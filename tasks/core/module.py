@@ -65,6 +65,7 @@ class BaseModule(L.LightningModule):
         self.sched_cfg = plain(scheduler)
         self.check_finite = check_finite
         self.ema_callback: Any = None  # set by tasks.core.ema.EMA.setup
+        self.eval_dataloader_idx = 0  # which eval loader the batch in evaluate() comes from
 
     # --- what a task implements -----------------------------------------------------------
     def training_loss(self, batch: Any) -> Tensor:
@@ -152,17 +153,19 @@ class BaseModule(L.LightningModule):
             nets.append(("ema_", self.ema_callback.module))
         return nets
 
-    def _eval(self, batch: Any, stage: str) -> None:
+    def _eval(self, batch: Any, stage: str, dataloader_idx: int) -> None:
+        # several eval loaders (e.g. MNLI matched / mismatched): evaluate() reads this index
+        self.eval_dataloader_idx = dataloader_idx
         if self.check_finite:
             check_finite_batch(batch, f"{stage} batch")
         for prefix, net in self.eval_nets():
             self.evaluate(net, batch, stage, prefix)
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval(batch, "val")
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval(batch, "val", dataloader_idx)
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval(batch, "test", dataloader_idx)
 
     # --- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -28,6 +28,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from tasks.core.errors import check_finite_batch
 from tasks.core.module import BaseModule
 from tasks.graph.metrics import LRGB_TASKS, LRGBTask, lrgb_loss, make_metric
 
@@ -94,8 +95,13 @@ class LRGBModule(BaseModule):
                  add_dataloader_idx=False)
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        # the second validation loader, when present, is the test split (best-epoch protocol)
-        self._eval(batch, "val" if dataloader_idx == 0 else "test")
+        # the second validation loader, when present, is the test split (best-epoch protocol);
+        # BaseModule's evaluation of raw and EMA weights, with that split's stage name
+        stage = "val" if dataloader_idx == 0 else "test"
+        if self.check_finite:
+            check_finite_batch(batch, f"{stage} batch")
+        for prefix, net in self.eval_nets():
+            self.evaluate(net, batch, stage, prefix)
 
 
 class BestEpoch(L.Callback):

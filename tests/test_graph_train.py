@@ -295,3 +295,48 @@ def test_fast_dev_run_per_member(name, tmp_path):
     assert saved["member"] == f"{cfg.model.name}-peptides-func"
     assert saved["meta"] == {"model": cfg.model.name, "dataset": "peptides-func"}
     assert 0 < saved["params"] < 100_000
+
+
+# --------------------------------------------------------------------------- size buckets
+@pytest.mark.parametrize("method,k_mode", [("exact", "diameter"), ("neumann", "diameter"),
+                                           ("neumann", "max_nodes")])
+def test_size_buckets_give_the_unbucketed_result(method, k_mode):
+    """Chimera on buckets of similarly sized graphs (less padding) equals one call on the whole
+    batch, values and gradients, with pre-computed structure or without."""
+    from tasks.graph.transforms import ChimeraStructure
+
+    torch.manual_seed(0)
+    graphs = _toy_batch(num_graphs=7, seed=3).to_data_list()
+    graphs = [graphs[i] for i in (3, 0, 6, 1, 5, 2, 4)]  # sizes out of order in the batch
+    for use_structure in (False, True):
+        data = [ChimeraStructure()(d.clone()) if use_structure else d for d in graphs]
+        batch = Batch.from_data_list(data)
+        outs, grads = [], []
+        for per_bucket in (None, 2, 3):
+            torch.manual_seed(0)
+            net = build_lrgb_model("peptides-func", hidden=8, num_layers=2, d_state=4,
+                                   method=method, k_mode=k_mode, k_factor=2,
+                                   graphs_per_bucket=per_bucket).double()
+            net.eval()
+            y = net(batch)
+            y.square().sum().backward()
+            outs.append(y.detach())
+            grads.append(torch.cat([p.grad.flatten() for p in net.parameters()
+                                    if p.grad is not None]))
+        for y, g in zip(outs[1:], grads[1:], strict=True):
+            torch.testing.assert_close(y, outs[0], rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(g, grads[0], rtol=1e-8, atol=1e-10)
+
+
+def test_bucket_graphs_partitions_nodes_and_edges():
+    from chimera.models.graph import bucket_graphs
+
+    batch = _toy_batch(num_graphs=5)
+    b = bucket_graphs(batch.edge_index, batch.batch, 5, 2)
+    assert [p.graph_ids.tolist() for p in b.parts] == [[0, 1], [2, 3], [4]]  # by size
+    nodes = torch.cat([p.node_ids for p in b.parts]).sort().values
+    edges = torch.cat([p.edge_ids for p in b.parts]).sort().values
+    assert torch.equal(nodes, torch.arange(batch.num_nodes))
+    assert torch.equal(edges, torch.arange(batch.num_edges))
+    with pytest.raises(ValueError, match="graphs_per_bucket"):
+        bucket_graphs(batch.edge_index, batch.batch, 5, 0)

@@ -29,7 +29,7 @@ from chimera.norm import (
     row_normalize,
     two_cycle_normalize,
 )
-from chimera.ops import mix
+from chimera.ops import mix, mix_sum
 from chimera.ops.mix import METHODS
 from chimera.topology import Topology
 from chimera.varlen import Segments, resolve_segments
@@ -281,6 +281,7 @@ class ChimeraMixer(nn.Module):
                 f"{self.num_dags}"
             )
         y = None
+        parts = []
         for dag, g in zip(dags, self.groups, strict=True):
             d_g = delta[:, :, g]
             de = None
@@ -301,9 +302,15 @@ class ChimeraMixer(nn.Module):
                 else:
                     w = two_cycle_normalize(w, dag, self.gamma)
                 scale = d_g
+            parts.append((dag, g, w, scale, self._method_for(dag)))
+        if all(p[4] == "exact" for p in parts):
+            # one call for all DAGs: on a grid, the corners' masks are merged per B/C group and
+            # mixed in one SMA (chimera.ops.grid.mix_grid_corners); elsewhere the same as below
+            y = mix_sum(V, Bs, Cs, [p[2] for p in parts], dags, self.groups,
+                        [p[3] for p in parts], method="exact")
+        for dag, g, w, scale, method in parts if y is None else ():
             Bg = Bs[:, :, g, None, :].expand(b, T, h, N)
             Cg = Cs[:, :, g, None, :].expand(b, T, h, N)
-            method = self._method_for(dag)
             y_k = mix(V * scale.unsqueeze(-1), Bg, Cg, w, dag, method=method,
                       num_terms=self._num_terms(method, seg), chunk_size=self.chunk_size)
             y = y_k if y is None else y + y_k

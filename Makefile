@@ -59,3 +59,17 @@ promote-%:  ## copy results/tables/<table>/<PRESET> to results/reference/ (what 
 		results/tables/$*/$(PRESET)/runs.csv results/reference/$*/$(PRESET)/
 	-cp results/tables/$*/$(PRESET)/table.png results/reference/$*/$(PRESET)/
 	@echo "promoted $* ($(PRESET)) to results/reference/$*/$(PRESET)/: review and commit it"
+
+# --- text: GLUE finetuning of one checkpoint ------------------------------------------------
+# Every GLUE task from an MLM checkpoint (an MLM run's <run>/hf folder or any of its .ckpt files),
+# RTE/MRPC/STS-B from this sweep's MNLI runs (preset tiny: the five local tasks, from SST-2),
+# then the GLUE table (conf/experiment/text/glue.yaml). Runs: $(GLUE_RUNS); table: $(GLUE_RUNS)/table.
+CKPT      ?=
+GLUE_RUNS ?= results/runs/finetune_glue/$(PRESET)/$(subst /,_,$(subst ./,,$(CKPT)))
+.PHONY: finetune-glue
+
+finetune-glue: install  ## GLUE from a checkpoint: make finetune-glue CKPT=<mlm run>/hf [PRESET=tiny]
+	@test -n "$(CKPT)" || { echo "error: give CKPT=<an MLM run's hf/ folder or a .ckpt file>" >&2; exit 2; }
+	@test -e "$(CKPT)" || { echo "error: CKPT=$(CKPT) does not exist" >&2; exit 2; }
+	$(PY) scripts/reproduce.py glue --preset $(PRESET) --runs $(GLUE_RUNS) --out $(GLUE_RUNS)/table -- \
+		pretrained=$(abspath $(CKPT)) $(TRAIN_ARGS)

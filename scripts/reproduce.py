@@ -4,7 +4,10 @@
     python scripts/reproduce.py table3 --preset tiny [--seeds 0,1,2] [-- extra overrides]
 
 Runs go to results/runs/<table>/<preset>/<member>/seed<k>/ and the table to
-results/tables/<table>/<preset>/ (both ignored by git). Re-running skips finished members and
+results/tables/<table>/<preset>/ (both ignored by git). A table whose spec lists `stages`
+(e.g. pretraining, then finetuning from the pretrained runs) runs one sweep per stage, in order,
+into the same runs folder (tasks.core.tables.stages_of); `--seeds` replaces the seeds of the
+stages that do not name their own. Re-running skips finished members and
 resumes unfinished ones from their last checkpoint. The reference tables that the README quotes
 live in results/reference/ and change only through `make promote-<table>` (see the README).
 """
@@ -47,7 +50,7 @@ def preflight(experiment: str, preset: str, overrides: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tasks.core.tables import find_experiment, load_spec, write_table
+    from tasks.core.tables import find_experiment, load_spec, stages_of, write_table
 
     argv = list(sys.argv[1:] if argv is None else argv)
     extra: list[str] = []
@@ -76,17 +79,28 @@ def main(argv: list[str] | None = None) -> int:
         seeds = list(range(int(args.seeds)))
     else:
         seeds = [int(s) for s in args.seeds.split(",")]
-    runs = args.runs or ROOT / "results" / "runs" / name / args.preset
+    runs = Path(args.runs or ROOT / "results" / "runs" / name / args.preset).resolve()
     out = args.out or ROOT / "results" / "tables" / name / args.preset
-    preflight(experiment, preset, extra)
+    stages = stages_of(spec, experiment, args.preset, seeds)
+    for st in stages:  # every stage's data, before anything runs
+        preflight(st["experiment"], preset, extra)
 
-    print(f"==> {name}, preset {args.preset}, seeds {seeds} -> {runs}", flush=True)
     start = time.time()
-    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m", f"experiment={experiment}",
-           f"preset={preset}", "seed=" + ",".join(str(s) for s in seeds),
-           f"hydra.sweep.dir={runs}", *extra]
-    sweep_rc = subprocess.call(cmd, cwd=ROOT)
-    print(f"==> sweep finished in {time.time() - start:.0f} s (exit {sweep_rc})", flush=True)
+    for i, st in enumerate(stages):
+        label = f" stage {i + 1}/{len(stages)} ({st['experiment']})" if len(stages) > 1 else ""
+        print(f"==> {name}{label}, preset {args.preset}, seeds {st['seeds']} -> {runs}",
+              flush=True)
+        t0 = time.time()
+        cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m",
+               f"experiment={st['experiment']}", f"preset={preset}",
+               "seed=" + ",".join(str(s) for s in st["seeds"]), f"hydra.sweep.dir={runs}",
+               *[f"{k}={v}" for k, v in st["params"].items()], *extra]
+        # a failed member does not stop later stages: their other members may still run, and
+        # the members that needed it fail with a clear error (listed in the table)
+        sweep_rc = subprocess.call(cmd, cwd=ROOT)
+        print(f"==> sweep{label} finished in {time.time() - t0:.0f} s (exit {sweep_rc})",
+              flush=True)
+    print(f"==> all sweeps finished in {time.time() - start:.0f} s", flush=True)
     md, result = write_table(experiment, runs, out, args.preset, seeds)
     print(md)
     print(f"==> table: {out}/table.md (+ table.csv, runs.csv, table.png)")

@@ -14,7 +14,16 @@ Columns: ``metric`` is a key of ``metrics.json``'s ``metrics``; without a ``/`` 
 the split (``auto`` = ``test`` when every finished run has test metrics, else ``val``). A row may
 also select runs by ``where`` (a mapping over the run's ``meta``) instead of ``member``, and a
 column may carry its own ``where`` (e.g. GLUE: a row per model, a column per task); ``mean_of``
-makes a column the mean of other columns (e.g. the GLUE score).
+makes a column the mean of other columns (e.g. the GLUE score). A column with ``presets``
+(a list) appears only in the tables of those presets (e.g. tasks whose data only the paper preset
+has), and the rows' ``paper`` lists are cut to match.
+
+Multi-stage tables (e.g. pretraining, then finetuning from the pretrained runs) list
+``stages``: each an ``experiment`` (default: the table's own), sweep ``params`` (with
+``preset_params`` per preset merged over them) and optionally its own ``seeds`` per preset;
+``scripts/reproduce.py`` runs them in order into one runs folder, where later stages find the
+earlier runs by config interpolation (e.g. ``${hydra:sweep.dir}/<member>/seed0``). See
+:func:`stages_of`.
 """
 
 from __future__ import annotations
@@ -54,6 +63,50 @@ def load_spec(experiment: str, conf_dir: Path = CONF_DIR) -> dict[str, Any]:
     if "table" not in node:
         raise SystemExit(f"error: {path} has no `table:` node, so it is not a paper table")
     return OmegaConf.to_container(node.table, resolve=False)  # type: ignore[return-value]
+
+
+def for_preset(spec: dict[str, Any], preset: str) -> dict[str, Any]:
+    """``spec`` with only the columns shown for ``preset`` (their ``presets`` list) and the
+    rows' ``paper`` numbers cut to those columns."""
+    cols = spec["columns"]
+    keep = [i for i, c in enumerate(cols) if not c.get("presets") or preset in c["presets"]]
+    if len(keep) == len(cols):
+        return spec
+    rows = []
+    for r in spec["rows"]:
+        r = dict(r)
+        if r.get("paper") is not None:
+            if len(r["paper"]) != len(cols):
+                raise ValueError(f"row {r.get('label')!r}: {len(r['paper'])} paper numbers for "
+                                 f"{len(cols)} columns")
+            r["paper"] = [r["paper"][i] for i in keep]
+        rows.append(r)
+    return {**spec, "columns": [cols[i] for i in keep], "rows": rows}
+
+
+def stages_of(spec: dict[str, Any], experiment: str, preset: str,
+              seeds: list[Any] | None = None) -> list[dict[str, Any]]:
+    """The sweeps that make a table, in order: ``[{experiment, params, seeds}]``.
+
+    Without ``stages`` this is one sweep of ``experiment`` (its own ``hydra.sweeper.params``).
+    ``seeds`` (e.g. from the command line) replaces the table's seeds in the stages that do not
+    name their own; ``params`` values are Hydra sweep strings (``"a,b,c"``).
+    """
+    if seeds is None:
+        seeds = list((spec.get("seeds") or {}).get(preset, [0]))
+    out = []
+    for i, st in enumerate(spec.get("stages") or [{}]):
+        unknown = set(st) - {"experiment", "params", "preset_params", "seeds"}
+        if unknown:
+            raise ValueError(f"stage {i}: unknown keys {sorted(unknown)} (allowed: experiment, "
+                             f"params, preset_params, seeds)")
+        params = {**(st.get("params") or {}),
+                  **((st.get("preset_params") or {}).get(preset) or {})}
+        own = (st.get("seeds") or {}).get(preset)
+        out.append({"experiment": st.get("experiment") or experiment,
+                    "params": {str(k): str(v) for k, v in params.items()},
+                    "seeds": list(own) if own is not None else list(seeds)})
+    return out
 
 
 @dataclass
@@ -266,7 +319,7 @@ def write_table(experiment: str, runs_dir: Path, out_dir: Path, preset: str,
                 seeds: list[Any] | None = None, make_plot: bool = True,
                 conf_dir: Path = CONF_DIR) -> tuple[str, list[Run]]:
     """Aggregate ``runs_dir`` into ``out_dir``; returns the markdown and the runs."""
-    spec = load_spec(experiment, conf_dir)
+    spec = for_preset(load_spec(experiment, conf_dir), preset)
     if seeds is None:
         seeds = list((spec.get("seeds") or {}).get(preset, [0]))
     runs = collect_runs(spec, runs_dir, seeds)

@@ -31,7 +31,12 @@ Sequences (``max_length`` 128 tokens). Two schemes, ``packing``:
 Masking: ``transformers.DataCollatorForLanguageModeling`` (80% ``[MASK]``, 10% random, 10% kept)
 with ``mlm_probability`` 0.30 for training and ``eval_mlm_probability`` 0.15 for validation, as
 M2-BERT. Special tokens (``[CLS]``, ``[SEP]``, ``[PAD]``) are never masked. Training masks are
-drawn anew every time a batch is built (dynamic masking), from a generator seeded with ``seed``.
+drawn anew for every epoch (dynamic masking). In-memory sources train through
+:func:`tasks.core.data.train_loader`: each row is masked when it is loaded, under that row's
+seed ``(seed, epoch, index)``, so a run resumed mid-epoch sees exactly the masks it would have
+seen (the order and the masks depend on neither the global RNG nor the prefetch); under DDP
+the same loader shards the rows by rank. Streamed sources mask in the collator, from a
+generator seeded with ``seed`` (per rank).
 Validation masks are drawn once, at ``setup``, with ``data_seed``: every evaluation of every run
 scores the same masked positions, so validation losses are comparable across epochs and runs.
 
@@ -45,9 +50,9 @@ token, 0 = padding; all ones when packed), ``labels`` ``(B, L)`` (the original i
 positions, -100 elsewhere).
 
 Determinism: with the same arguments, two data modules give the same batches (document split
-and validation masks from ``data_seed``; training order and masks from ``seed``, offset by the
-rank under DDP; DataLoader workers follow ``DataCollatorForLanguageModeling``'s
-``seed + worker_id``).
+and validation masks from ``data_seed``; training order and masks from ``seed`` and the epoch,
+which Lightning sets on the sampler; streamed data: offset by the rank under DDP, DataLoader
+workers follow ``DataCollatorForLanguageModeling``'s ``seed + worker_id``).
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBase
 
+from tasks.core.data import train_loader
 from tasks.text.hub import DataNotFoundError, require_hub
 from tasks.text.tokenizer import WORDPIECE, load_embedded_corpus, load_tokenizer
 
@@ -159,6 +165,49 @@ class MaskedRows(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[i] for k, v in self.columns.items()}
+
+
+class MaskOnLoad(Dataset):
+    """Training rows masked as they are loaded (map-style, in memory).
+
+    The collator is built without a seed, so its draws come from the global torch RNG, which
+    :class:`tasks.core.data.SeededDataset` seeds per ``(seed, epoch, index)`` around each load:
+    a row's mask is a function of the run seed, the epoch and the row alone (exact resume).
+    """
+
+    def __init__(self, rows: Dataset, tokenizer: PreTrainedTokenizerBase,
+                 mlm_probability: float) -> None:
+        self.rows = rows
+        self.collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=mlm_probability)
+
+    def __len__(self) -> int:
+        return len(self.rows)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        b = self.collator([self.rows[i]])
+        ids = b["input_ids"][0].long()
+        return {"input_ids": ids, "labels": b["labels"][0].long()}
+
+
+class PadStack:
+    """Stacks masked rows into a batch, padding (``[PAD]``, mask 0, label -100) to the longest
+    row rounded up to ``pad_to_multiple_of`` (``truncate`` rows differ in length)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
+        self.pad_token_id, self.multiple = pad_token_id, pad_to_multiple_of
+
+    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        width = max(len(r["input_ids"]) for r in rows)
+        if self.multiple:
+            width = -(-width // self.multiple) * self.multiple
+        n = len(rows)
+        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), -100, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            k = len(r["input_ids"])
+            ids[j, :k], labels[j, :k], mask[j, :k] = r["input_ids"], r["labels"], 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def mask_once(rows: Dataset, tokenizer: PreTrainedTokenizerBase, mlm_probability: float,
@@ -580,12 +629,17 @@ class MLMDataModule(L.LightningDataModule):
         if self._train_state is None:
             self._train_state = (_TrainCollate(self.train_collator()),
                                  torch.Generator().manual_seed(self.seed))
-        collate, gen = self._train_state
+        collate, _ = self._train_state
         if self.streaming:
             return _EpochLoader(self.data_train, batch_size=self.batch_size, collate_fn=collate,
                                 drop_last=True, **self._workers())
-        return DataLoader(self.data_train, batch_size=self.batch_size, shuffle=True,
-                          generator=gen, drop_last=True, collate_fn=collate, **self._workers())
+        # map-style: the framework's resumable, rank-sharded loader; masks drawn per row under
+        # the row's seed (MaskOnLoad), the order per epoch (Lightning calls set_epoch)
+        return train_loader(MaskOnLoad(self.data_train, self.tokenizer, self.mlm_probability),
+                            batch_size=self.batch_size, seed=self.seed, shuffle=True,
+                            drop_last=True,
+                            collate_fn=PadStack(self.pad_token_id, self.pad_to_multiple_of),
+                            **self._workers())
 
     def val_dataloader(self) -> DataLoader:
         if self.data_val is None:

@@ -60,6 +60,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
+from tasks.core.data import train_loader
 from tasks.text.hub import DataNotFoundError, HubUnavailableError, hub_offline, require_hub
 from tasks.text.tokenizer import WORDPIECE, load_tokenizer
 
@@ -367,7 +368,7 @@ class GLUEDataModule(L.LightningDataModule):
         vocab_size / tokenizer_cache_dir: for ``tokenizer="wordpiece"``.
         max_length: tokens per example after truncation (128 in the paper).
         batch_size / eval_batch_size / num_workers / pin_memory: DataLoader settings.
-        seed: training order.
+        seed: training order (per epoch, through :func:`tasks.core.data.train_loader`).
         max_train_samples / max_eval_samples: use a fixed subset of this many examples
             (chosen with ``data_seed``; tiny runs and tests).
         hf_path / cache_dir: the Hub repository (or a local copy) and the ``datasets`` cache.
@@ -420,7 +421,6 @@ class GLUEDataModule(L.LightningDataModule):
         self.keys = ("input_ids", "attention_mask") + (("token_type_ids",)
                                                        if token_type_ids else ())
         self._tokenizer: PreTrainedTokenizerBase | None = None
-        self._train_gen: torch.Generator | None = None
         self.datasets: dict[str, Any] = {}
         self.stats: dict[str, dict[str, int]] = {}
 
@@ -523,12 +523,13 @@ class GLUEDataModule(L.LightningDataModule):
                                f"split here; splits: {sorted(self.datasets)}")
         if self.num_workers > 0:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        if train and self._train_gen is None:
-            # one generator per module: a rebuilt loader continues the order, not replays it
-            self._train_gen = torch.Generator().manual_seed(self.seed)
-        gen = self._train_gen if train else None
-        return DataLoader(self.datasets[split], batch_size=self.batch_size if train
-                          else self.eval_batch_size, shuffle=train, generator=gen,
+        if train:
+            # the framework's loader: the order of epoch e is drawn from (seed, e) (Lightning
+            # sets the epoch), a mid-epoch checkpoint resumes exactly, DDP shards by rank
+            return train_loader(self.datasets[split], batch_size=self.batch_size,
+                                seed=self.seed, shuffle=True, collate_fn=self._collate(),
+                                num_workers=self.num_workers, pin_memory=self.pin_memory)
+        return DataLoader(self.datasets[split], batch_size=self.eval_batch_size, shuffle=False,
                           collate_fn=self._collate(), num_workers=self.num_workers,
                           pin_memory=self.pin_memory and torch.cuda.is_available())
 

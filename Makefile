@@ -37,14 +37,15 @@ clean:  ## remove caches and build debris (keeps .venv; `rm -rf .venv` for a fre
 #   PRESET=paper|tiny  the paper's data/models/budget, or the small CPU version
 #   SEEDS=0,1,2 | n    seeds (default: the table's own list for the preset)
 #   TRAIN_ARGS         extra Hydra overrides, e.g. TRAIN_ARGS="trainer=ddp logger=wandb"
-#   DATA_ROOT          vision paper preset: the ImageNet ImageFolder (or IMAGENET_ROOT)
+#   DATA_ROOT          passed as data.root (vision paper preset: the ImageNet ImageFolder; the
+#                      vision data config also reads IMAGENET_ROOT itself)
 # Runs: results/runs/<table>/<preset>/<member>/seed<k>/ (re-running skips finished members and
 # resumes unfinished ones); table: results/tables/<table>/<preset>/. The README quotes
 # results/reference/, which only `make promote-<table>` changes.
 PRESET     ?= paper
 SEEDS      ?=
 TRAIN_ARGS ?=
-DATA_ROOT  ?= $(IMAGENET_ROOT)
+DATA_ROOT  ?=
 .PHONY: reproduce-% promote-%
 
 reproduce-%: install  ## reproduce a paper table: make reproduce-table2 PRESET=tiny [SEEDS=..]

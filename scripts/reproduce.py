@@ -76,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds is None:
         seeds = list(spec.get("seeds", {}).get(args.preset, [0]))
     elif args.seeds.isdigit():
+        if int(args.seeds) == 0:
+            print("error: SEEDS=0 is a count of zero seeds; for seed 0 alone write SEEDS=0, "
+                  "(a list), for seeds 0..n-1 SEEDS=n", file=sys.stderr)
+            return 2
         seeds = list(range(int(args.seeds)))
     else:
-        seeds = [int(s) for s in args.seeds.split(",")]
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     runs = Path(args.runs or ROOT / "results" / "runs" / name / args.preset).resolve()
     out = args.out or ROOT / "results" / "tables" / name / args.preset
     stages = stages_of(spec, experiment, args.preset, seeds)

@@ -44,7 +44,7 @@ def tiny_args(fmnist_root: str, log_dir: Path, *extra: str) -> list[str]:
             "data.batch_size=16", "data.eval_batch_size=32", "trainer.max_epochs=2",
             "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
             "callbacks.model_checkpoint.every_n_epochs=null",
-            "+callbacks.model_checkpoint.every_n_train_steps=2", *extra]
+            "+callbacks.model_checkpoint.every_n_train_steps=2", "num_threads=1", *extra]
 
 
 def run_dir(log_dir: Path, member: str = "grid", seed: int = 0) -> Path:
@@ -169,13 +169,15 @@ def test_failures_give_one_clear_message(fmnist_root, tmp_path, case, extra, cod
 
 def test_a_model_without_the_presets_size_stops(tmp_path):
     from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
 
     from tasks.core.driver import apply_model_size
     from tasks.core.errors import ConfigError
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=vision/table2", "preset=vision/tiny"])
-    del cfg.model.sizes["tiny"]
+    with open_dict(cfg):
+        del cfg.model.sizes["tiny"]
     with pytest.raises(ConfigError, match="has no 'tiny' size"):
         apply_model_size(cfg)
 

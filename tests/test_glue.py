@@ -481,3 +481,18 @@ def test_glue_score_errors():
         glue_score(_results() + _results()[:1])
     with pytest.raises(ValueError, match="lacks 'metric'"):
         glue_score([{"task": "rte", "seed": 1, "value": 0.5}])
+
+
+def test_mcc_is_zero_for_constant_predictions_as_sklearn_defines_it():
+    from tasks.text.glue_metrics import MatthewsCorrCoef
+
+    target = torch.tensor([0, 1, 0, 1, 1, 1, 0, 1, 1, 1])
+    m = MatthewsCorrCoef()
+    m.update(torch.ones(10, dtype=torch.long), target)
+    assert float(m.compute()) == 0.0  # torchmetrics alone gives 0.276 here
+    m = MatthewsCorrCoef()
+    preds = torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 1, 1])
+    m.update(preds, target)
+    tp, tn, fp, fn = 6, 3, 0, 1  # hand-computed
+    expected = (tp * tn - fp * fn) / ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    assert float(m.compute()) == pytest.approx(expected, abs=1e-6)

@@ -45,6 +45,7 @@ FINGERPRINT_FILE = "config_fingerprint.json"
 RUN_CONFIG_FILE = "run_config.yaml"
 # keys that do not change what a run computes: a re-run may differ in them and still resume
 RUN_INDEPENDENT_KEYS = ("hydra", "paths", "ckpt_path", "logger", "overwrite", "resume", "tags",
+                        "num_threads",
                         "trainer.enable_progress_bar", "trainer.devices", "trainer.num_nodes",
                         "trainer.strategy", "trainer.accelerator", "data.num_workers",
                         "data.persistent_workers", "data.pin_memory", "table", "run_independent",
@@ -274,6 +275,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     elif ckpt_path is not None and not Path(ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r} is not a file")
 
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
     # the EMA copy of the network is kept in eval mode on purpose
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of")
     if cfg.get("seed") is not None:

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
+from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     BinaryF1Score,
@@ -73,13 +74,26 @@ PAPER_SCORE_METRICS: dict[str, tuple[str, ...]] = {
 M2_RELEASE_SCORE_METRICS: dict[str, tuple[str, ...]] = {**PAPER_SCORE_METRICS, "mrpc": ("f1",)}
 
 
+class MatthewsCorrCoef(BinaryMatthewsCorrCoef):
+    """Binary MCC that is 0 when a row or column of the confusion matrix is empty (e.g. every
+    prediction is one class), as scikit-learn and GLUE define it; torchmetrics returns a
+    positive value there (0.276 for constant predictions on a 7:3 split), which would credit a
+    collapsed CoLA classifier."""
+
+    def compute(self) -> Tensor:
+        (tn, fp), (fn, tp) = self.confmat.tolist()
+        if 0 in (tp + fp, tp + fn, tn + fp, tn + fn):
+            return torch.zeros((), device=self.confmat.device)
+        return super().compute()
+
+
 def _metric(name: str, num_labels: int) -> Metric:
     if name.startswith("accuracy"):
         return MulticlassAccuracy(num_classes=num_labels, average="micro")
     if name == "f1":
         return BinaryF1Score()
     if name == "mcc":
-        return BinaryMatthewsCorrCoef()
+        return MatthewsCorrCoef()
     if name == "spearman":
         # it keeps all predictions (STS-B dev: 1,500 floats) and warns about it; expected here
         with warnings.catch_warnings():

@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY    := .venv/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-slow lint bench bench-graphs clean
+.PHONY: help install test test-slow lint bench bench-models bench-text bench-graphs clean
 
 help:  ## list targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -23,6 +23,12 @@ lint: install  ## ruff check
 
 bench: install  ## mixer benchmark (scripts/bench_mixer.py)
 	$(PY) scripts/bench_mixer.py
+
+bench-models: install  ## whole models: Chimera-ViT vs ViT at 224 and the tiny sizes (scripts/bench_models.py)
+	$(PY) scripts/bench_models.py
+
+bench-text: install  ## one Chimera DAG / UG text layer vs one BERT layer (scripts/bench_text_layers.py)
+	$(PY) scripts/bench_text_layers.py
 
 bench-graphs: install  ## graph layers vs nodes: Chimera exact/finite sum/DAG vs GPS vs GCN (scripts/bench_graphs.py)
 	$(PY) scripts/bench_graphs.py

@@ -308,8 +308,14 @@ def test_glue_regression_scores_spearman(mlm_run, tmp_path):
 
 
 def test_glue_without_checkpoint_or_data_fails_clearly(tmp_path, mlm_run):
+    # a readable (tiny, generated) SST-2 folder, so the missing checkpoint is what fails
+    sst2 = tmp_path / "glue" / "SST-2"
+    sst2.mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv"):
+        (sst2 / name).write_text("sentence\tlabel\nit is good\t1\nit is bad\t0\n")
     cfg = compose_cfg(["experiment=text/glue", "preset=text/tiny",
-                       f"pretrained={tmp_path / 'missing'}", "logger=none"], tmp_path / "r")
+                       f"pretrained={tmp_path / 'missing'}", f"text.glue.glue_dir={sst2.parent}",
+                       "logger=none"], tmp_path / "r")
     with pytest.raises(DataNotFoundError, match="pretrained|model.net.checkpoint"):
         train(cfg)
     cfg = compose_cfg(["experiment=text/glue", "preset=text/tiny",

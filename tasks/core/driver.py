@@ -35,6 +35,7 @@ from hydra.errors import InstantiationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from chimera.models.text import count_parameters
 from tasks.core.checkpoint import AtomicCheckpointIO, last_checkpoint
 from tasks.core.errors import OOM_HINT, ConfigError, OutOfMemory, RunError, is_oom
 from tasks.core.tracking import finish_wandb, prepare_wandb_kwargs
@@ -212,10 +213,6 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def identity(cfg: DictConfig) -> dict[str, Any]:
     """What identifies the run in ``metrics.json`` and in the tables (no task keys)."""
     meta = cfg.get("meta")
@@ -302,7 +299,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     for lg in loggers:
         lg.log_hyperparams(resolved)
 
-    result: dict[str, Any] = {**identity(cfg), "params": count_parameters(model.net),
+    result: dict[str, Any] = {**identity(cfg),
+                              "params": count_parameters(model.net, trainable_only=True),
                               "config": resolved, "resumed_from": ckpt_path}
     metrics: dict[str, float] = {}
     t_fit = time.time()

@@ -41,6 +41,7 @@ from chimera.models.hf import (
     load_finetuned_into_classifier,
     load_mlm_into_classifier,
 )
+from chimera.models.text import count_parameters
 from tasks.core.errors import ConfigError, DataNotFoundError
 
 #: key under which a text run's Lightning checkpoint carries its network's HF config
@@ -76,11 +77,6 @@ def bert_mlm(vocab_size: int, d_model: int = 768, n_layer: int = 12, n_head: int
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
                         pad_token_id=pad_token_id)
     return BertForMaskedLM(config)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (the tied decoder counts once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def bert_matching_chimera(chimera: nn.Module, vocab_size: int, d_model: int, n_layer: int,

@@ -25,6 +25,3 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
         raise ValueError("the paper trains every model from scratch; pretrained must be False")
     return timm.create_model(model_name, pretrained=False, **kwargs)
 
-
-def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -16,9 +16,7 @@ of a batch at once, so they also run on a GPU:
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -26,25 +24,15 @@ from torch import Tensor
 _WORD = 64
 
 
-@contextlib.contextmanager
-def _one_thread(device: torch.device) -> Iterator[None]:
-    # hundreds of rounds of small gathers/scatters: on CPU, intra-op threads only add
-    # synchronisation, and on a loaded machine they made a 200-molecule batch 25x slower
-    if device.type != "cpu":
-        yield
-        return
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def _single_threaded(fn):
     @functools.wraps(fn)
     def wrapper(edge_index, *args, **kwargs):
-        with _one_thread(torch.as_tensor(edge_index).device):
+        # hundreds of rounds of small gathers/scatters: on CPU, intra-op threads only add
+        # synchronisation (on a loaded machine a 200-molecule batch ran 25x slower with them).
+        # Imported here: chimera.ops imports chimera.topology.
+        from chimera.ops.linalg import single_threaded_cpu
+
+        with single_threaded_cpu(torch.as_tensor(edge_index).device.type == "cpu"):
             return fn(edge_index, *args, **kwargs)
 
     return wrapper

@@ -122,3 +122,43 @@ def test_reproduce_cli_preflight_names_the_missing_data(tmp_path):
     proc = subprocess.run(["make", "-s", "promote-table9", "PRESET=tiny"], capture_output=True,
                           text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 2 and "make reproduce-table9" in proc.stderr
+
+
+def test_rows_by_where_report_missing_and_unstarted_runs(tmp_path):
+    """Rows selected by `where` (Tables 4, 5) count their expected runs like member rows: a member
+    of the row (known from any of its seeds' metrics.json or run_config.yaml) times the table's
+    seeds; a row that matches no run at all is named as missing too."""
+    spec = {"title": "t", "split": "test", "seeds": {"tiny": [0, 1]},
+            "columns": [{"metric": "acc1", "label": "A", "where": {"dataset": "a"}}],
+            "rows": [{"label": "G", "where": {"model": "g"}},
+                     {"label": "E", "where": {"model": "e"}},
+                     {"label": "N", "where": {"model": "n"}},
+                     {"label": "Z", "where": {"model": "z"}}]}
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(runs, "g-a", seed, 0.5, meta={"model": "g", "dataset": "a"})
+    write_run(runs, "e-a", 0, 0.6, meta={"model": "e", "dataset": "a"})  # e-a/seed1 never began
+    write_run(runs, "n-a", 0, 0.7, meta={"model": "n", "dataset": "a"})
+    started = runs / "n-b" / "seed1"  # another member of row N, started and stopped (no metrics)
+    started.mkdir(parents=True)
+    (started / "run_config.yaml").write_text(
+        "model:\n  name: n\ndata:\n  name: b\nmeta:\n  model: ${model.name}\n"
+        "  dataset: ${data.name}\nseed: 1\n")
+    from tasks.core.tables import _split, aggregate, to_markdown
+
+    result = collect_runs(spec, runs, [0, 1])
+    status = {(r.member, str(r.seed)): r.status for r in result}
+    assert status == {("g-a", "0"): "done", ("g-a", "1"): "done", ("e-a", "0"): "done",
+                      ("e-a", "1"): "missing", ("n-a", "0"): "done", ("n-a", "1"): "missing",
+                      ("n-b", "0"): "missing", ("n-b", "1"): "missing"}
+    rows = {r["label"]: r for r in aggregate(spec, result, _split(spec, result))}
+    assert (rows["G"]["runs"], rows["G"]["expected"], rows["G"]["missing"]) == (2, 2, "")
+    assert (rows["E"]["runs"], rows["E"]["expected"], rows["E"]["missing"]) == (1, 2, "e-a/seed1")
+    assert (rows["N"]["runs"], rows["N"]["expected"]) == (1, 4)
+    assert rows["N"]["missing"] == "n-a/seed1,n-b/seed0,n-b/seed1"
+    assert rows["E"]["A mean"] == pytest.approx(0.6) and rows["E"]["A n"] == 1
+    md = to_markdown(spec, list(rows.values()), result, "test", "tiny", [0, 1], runs)
+    assert "| G | 0.126M | 2/2 |" in md and "| E | 0.126M | 1/2 |" in md
+    assert "| N | 0.126M | 1/4 |" in md and "| Z | – | 0/? |" in md
+    assert "- missing: `e-a/seed1`" in md and "- missing: `n-b/seed0`" in md
+    assert "- missing: every run of row `Z` (none matches model=z)" in md

@@ -119,24 +119,66 @@ class Run:
     error: str = ""
 
 
+def _run_meta(run_dir: Path) -> dict[str, Any] | None:
+    """The ``meta`` of a started run that has no ``metrics.json`` (failed or stopped), from its
+    ``run_config.yaml``; None when it cannot be read."""
+    f = run_dir / "run_config.yaml"
+    if not f.is_file():
+        return None
+    try:
+        meta = OmegaConf.select(OmegaConf.load(f), "meta")
+        return dict(OmegaConf.to_container(meta, resolve=True)) if meta is not None else None
+    except Exception:  # noqa: BLE001 - an unreadable config only loses the row's count
+        return None
+
+
+def _member_metas(runs_dir: Path, found: dict) -> dict[str, dict[str, Any]]:
+    """Each member folder's ``meta``, from any of its seeds (finished runs first)."""
+    metas: dict[str, dict[str, Any]] = {}
+    for (m, _), (_, data) in sorted(found.items()):
+        if m not in metas and data.get("meta") is not None:
+            metas[m] = dict(data["meta"])
+    if runs_dir.is_dir():
+        for d in sorted(runs_dir.glob("*/seed*")):
+            m = d.parent.name
+            if m not in metas and d.is_dir():
+                meta = _run_meta(d)
+                if meta is not None:
+                    metas[m] = meta
+    return metas
+
+
 def collect_runs(spec: dict[str, Any], runs_dir: Path, seeds: list[Any]) -> list[Run]:
-    """Every expected (member, seed) and every other finished run under ``runs_dir``."""
+    """Every expected (member, seed) and every other finished run under ``runs_dir``.
+
+    Expected: the members named by rows, and the members that rows select by ``where`` (every
+    member folder whose ``meta``, read from any of its seeds, matches a row), times ``seeds``.
+    A ``where`` row matching no folder at all is reported by :func:`aggregate` (its members are
+    unknown without composing the sweep)."""
     members = [r["member"] for r in spec["rows"] if r.get("member") is not None]
-    expected = {(m, s) for m in members for s in seeds}
     found = {}
     if runs_dir.is_dir():
         for f in runs_dir.glob(f"*/seed*/{METRICS_FILE}"):
             d = json.loads(f.read_text())
             found[(f.parent.parent.name, f.parent.name[4:])] = (f.parent, d)
+    wheres = [r["where"] for r in spec["rows"] if r.get("member") is None and r.get("where")]
+    metas = _member_metas(runs_dir, found) if wheres else {}
+    for m, meta in sorted(metas.items()):
+        probe = Run(m, None, "missing", runs_dir / m, {"meta": meta})
+        if m not in members and any(_matches(probe, w) for w in wheres):
+            members.append(m)
+    expected = {(m, s) for m in members for s in seeds}
     runs = []
     for m, s in sorted(expected, key=lambda x: (members.index(x[0]), str(x[1]))):
         d = runs_dir / m / f"seed{s}"
+        meta = {"meta": metas[m]} if m in metas else {}
         if (m, str(s)) in found:
             runs.append(Run(m, s, "done", d, found[(m, str(s))][1]))
         elif (d / ERROR_FILE).is_file():
-            runs.append(Run(m, s, "failed", d, error=(d / ERROR_FILE).read_text().split("\n")[0]))
+            runs.append(Run(m, s, "failed", d, dict(meta),
+                            error=(d / ERROR_FILE).read_text().split("\n")[0]))
         else:
-            runs.append(Run(m, s, "missing", d))
+            runs.append(Run(m, s, "missing", d, dict(meta)))
     wanted = {(m, str(s)) for m, s in expected}
     for (m, s), (d, data) in sorted(found.items()):
         if (m, s) not in wanted:  # e.g. a member added on the command line, or other seeds
@@ -145,7 +187,8 @@ def collect_runs(spec: dict[str, Any], runs_dir: Path, seeds: list[Any]) -> list
         for f in sorted(runs_dir.glob(f"*/seed*/{ERROR_FILE}")):
             m, s = f.parent.parent.name, f.parent.name[4:]
             if (m, s) not in wanted and (m, s) not in found:
-                runs.append(Run(m, s, "failed", f.parent, error=f.read_text().split("\n")[0]))
+                runs.append(Run(m, s, "failed", f.parent, {"meta": _run_meta(f.parent) or {}},
+                                error=f.read_text().split("\n")[0]))
     return runs
 
 
@@ -188,6 +231,7 @@ def aggregate(spec: dict[str, Any], runs: list[Run], split: str) -> list[dict[st
             "missing": ",".join(f"{r.member}/seed{r.seed}" for r in group
                                 if r.status == "missing"),
             "params": done[0].data.get("params") if done else None,
+            "unmatched": bool(row.get("where") and row.get("member") is None and not group),
         }
         values: dict[str, list[float]] = {}
         for c in cols:
@@ -233,8 +277,9 @@ def to_markdown(spec: dict[str, Any], rows: list[dict[str, Any]], runs: list[Run
              "", "| " + " | ".join(head) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
-        runs_cell = f"{r['runs']}/{r['expected']}" if r["expected"] else ("–" if not r["runs"]
-                                                                         else str(r["runs"]))
+        runs_cell = (f"{r['runs']}/{r['expected']}" if r["expected"]
+                     else "0/?" if r.get("unmatched") else ("–" if not r["runs"]
+                                                            else str(r["runs"])))
         cells = [r["label"], f"{r['params'] / 1e6:.3g}M" if r["params"] else "–", runs_cell]
         for c in cols:
             d = c.get("digits", 2)
@@ -245,10 +290,16 @@ def to_markdown(spec: dict[str, Any], rows: list[dict[str, Any]], runs: list[Run
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in runs if r.status == "failed"]
     missing = [r for r in runs if r.status == "missing"]
-    if failed or missing:
+    unmatched = [r for r in rows if r.get("unmatched")]
+    if failed or missing or unmatched:
         lines += ["", "**Incomplete:** the means above leave these runs out."]
         lines += [f"- failed: `{r.member}/seed{r.seed}`: {r.error}" for r in failed]
         lines += [f"- missing: `{r.member}/seed{r.seed}`" for r in missing]
+        for r in unmatched:
+            where = next(row["where"] for row in spec["rows"]
+                         if row.get("label", row.get("member")) == r["label"])
+            lines.append(f"- missing: every run of row `{r['label']}` (none matches "
+                         + ", ".join(f"{k}={v}" for k, v in where.items()) + ")")
     times = [r.data.get("total_time_s") for r in done if r.data.get("total_time_s") is not None]
     if times:
         lines += ["", f"Run time: {sum(times):.0f} s over {len(times)} runs "

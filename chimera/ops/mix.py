@@ -110,9 +110,9 @@ def mix(
     elif method == "ssd":
         Y = mix_ssd(V, B, C, edge_weight, topology, chunk_size=chunk_size)
     elif method == "triton":
-        from chimera.ops.triton import mix_dag_triton
+        from chimera.ops.triton import mix_triton  # grid corner DAGs: row sweep; else levels
 
-        Y = mix_dag_triton(V, B, C, edge_weight, topology)
+        Y = mix_triton(V, B, C, edge_weight, topology)
     elif method == "exact" and (frame := grid_frame(topology)) is not None:
         # one corner alone: the SMA fused row block by row block touches only the non-zero half
         # of L (measured faster than the full-mask path from 28x28 on; mix_sum merges corners)

@@ -18,7 +18,11 @@ race-free with no grid synchronisation. The states ``H`` (``batch x T x heads x 
 are stored by the forward for the backward (:mod:`chimera.ops.scan`'s PyTorch version recomputes
 them in its backward instead; a recomputing kernel is future work).
 
-Known limits:
+Complete grid corner DAGs take a separate kernel instead (:mod:`chimera.ops.triton.grid`: rows
+swept one after the other with a parallel scan inside each row, states recomputed in the
+backward); :func:`mix_triton`, the entry point of ``mix(..., method="triton")``, picks it.
+
+Known limits of the level-set kernel:
 
 * DAGs only (a :class:`~chimera.topology.CycleError` otherwise), any in/out degree, any batch of
   graphs on the node axis.
@@ -38,6 +42,7 @@ Known limits:
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import sys
@@ -46,6 +51,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from chimera.ops.triton.grid import grid_triton_plan, mix_grid_triton
 from chimera.topology import Topology
 
 MAX_TILE = 8192
@@ -57,7 +63,8 @@ _HOW_TO_ENABLE = (
     "interpreter, fp32/fp64 only), or use method='dag_scan', the same recurrence in PyTorch"
 )
 
-__all__ = ["mix_dag_triton", "triton_available", "MAX_N", "MAX_TILE"]
+__all__ = ["mix_dag_triton", "mix_grid_triton", "mix_triton", "triton_available", "MAX_N",
+           "MAX_TILE"]
 
 
 def triton_available() -> bool:
@@ -69,8 +76,10 @@ def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def _load_kernels(device: torch.device):
-    """Import the kernel module (defining the kernels on first use), or raise a clear error."""
+def _load_kernels(device: torch.device, module: str = "_kernels"):
+    """Import a kernel module of this package (``_kernels``: the level-set sweep,
+    ``_grid_kernels``: the grid row sweep), defining its kernels on first use, or raise a clear
+    error."""
     if not triton_available():
         raise RuntimeError(
             "method='triton' needs the `triton` package, which is not installed "
@@ -78,7 +87,7 @@ def _load_kernels(device: torch.device):
             "TRITON_INTERPRET=1 set before importing chimera. Or use method='dag_scan', the same "
             "recurrence in PyTorch."
         )
-    loaded = sys.modules.get("chimera.ops.triton._kernels")
+    loaded = sys.modules.get(f"chimera.ops.triton.{module}")
     if device.type != "cuda":
         interpreted = loaded.INTERPRETED if loaded is not None else _interpret_env()
         if not interpreted:
@@ -91,9 +100,7 @@ def _load_kernels(device: torch.device):
                 f"method='triton' got tensors on {device.type!r} but {why}. To enable it, "
                 + _HOW_TO_ENABLE + "."
             )
-    from chimera.ops.triton import _kernels
-
-    return _kernels
+    return importlib.import_module(f"chimera.ops.triton.{module}")
 
 
 def _csr(topo: Topology) -> dict[str, Tensor]:
@@ -214,3 +221,14 @@ def mix_dag_triton(V: Tensor, B: Tensor, C: Tensor, edge_weight: Tensor,
     _blocks(B.shape[-1], V.shape[-1])  # validate sizes before launching
     Y = _DagTritonFn.apply(V, B, C, edge_weight, _csr(topology), kernels)
     return Y.to(out_dtype)
+
+
+def mix_triton(V: Tensor, B: Tensor, C: Tensor, edge_weight: Tensor,
+               topology: Topology) -> Tensor:
+    """``mix(..., method="triton")``: the grid row-sweep kernel (:mod:`chimera.ops.triton.grid`)
+    for a complete grid corner DAG whose row tile fits, the level-set kernel
+    (:func:`mix_dag_triton`) for every other DAG."""
+    topology = topology.to(V.device)
+    if grid_triton_plan(topology, B.shape[-1]) is not None:
+        return mix_grid_triton(V, B, C, edge_weight, topology)
+    return mix_dag_triton(V, B, C, edge_weight, topology)

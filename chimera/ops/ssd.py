@@ -21,6 +21,9 @@ from the start of ``c``". Hence, per (batch, head):
    chunk's start to ``t``.
 
 Cost ``O(T Q (N + P) + T N P + (T/Q)^2 N P)``; every step is a batched matmul.
+
+On CUDA, :func:`mix_ssd` hands the same computation to fla-core's Triton kernels when the
+optional ``fla`` extra is installed (:mod:`chimera.ops.triton.fla_line`).
 """
 
 from __future__ import annotations
@@ -79,7 +82,15 @@ def ssd_chunked(X: Tensor, log_a: Tensor, B: Tensor, C: Tensor, chunk_size: int 
 
 
 def mix_ssd(V: Tensor, B: Tensor, C: Tensor, edge_weight: Tensor, topo: Topology,
-            chunk_size: int = 64) -> Tensor:
+            chunk_size: int = 64, backend: str = "auto") -> Tensor:
+    """``Y = (L ∘ C Bᵀ) V`` on one directed line by the chunked SSD.
+
+    ``backend``: ``"torch"`` (:func:`ssd_chunked`), ``"fla"`` (``fla-core``'s Triton kernels,
+    :mod:`chimera.ops.triton.fla_line`: CUDA tensors only, fla's own chunk size) or ``"auto"``
+    (fla for fp32/fp16/bf16 CUDA tensors when ``fla`` is installed, else torch).
+    """
+    if backend not in ("auto", "torch", "fla"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'fla', got {backend!r}")
     direction = topo.line_direction()
     if direction == 0:
         raise ValueError(
@@ -90,6 +101,15 @@ def mix_ssd(V: Tensor, B: Tensor, C: Tensor, edge_weight: Tensor, topo: Topology
         raise ValueError("method='ssd' supports one line per topology (batch the tensor dim)")
     if bool((edge_weight < 0).any()):
         raise ValueError("method='ssd' works in log space and needs non-negative weights")
+    if backend == "auto":
+        from chimera.ops.triton.fla_line import fla_available
+
+        backend = "fla" if (V.device.type == "cuda" and fla_available() and V.dtype in (
+            torch.float32, torch.float16, torch.bfloat16)) else "torch"
+    if backend == "fla":
+        from chimera.ops.triton.fla_line import mix_ssd_fla
+
+        return mix_ssd_fla(V, B, C, edge_weight, topo)
     b, T, h, _ = V.shape
     log_w = safe_log(edge_weight)
     # weight of the edge into each node; the first node of the line has none (its log is unused)

@@ -30,6 +30,7 @@ from chimera.norm import (
     two_cycle_normalize,
 )
 from chimera.ops import mix, mix_sum
+from chimera.ops.line import DENSE_LINE_MAX
 from chimera.ops.mix import METHODS
 from chimera.topology import Topology
 from chimera.varlen import Segments, resolve_segments
@@ -73,8 +74,10 @@ class ChimeraMixer(nn.Module):
         d_state: state size ``N``; headdim: ``P``; expand: ``d_inner = expand * d_model``.
         resolvent: ``"dag"`` mixes over the canonical DAG decomposition (Sec. 4.1),
             ``"general"`` over the whole graph (Sec. 3.3; needs ``method`` exact or neumann).
-        method: an algorithm of :func:`chimera.ops.mix`, or ``"auto"`` (SSD on directed lines,
-            the triangular solve up to ``dense_max_nodes`` nodes, the level-set scan beyond).
+        method: an algorithm of :func:`chimera.ops.mix`, or ``"auto"`` (directed lines: one
+            fused SMA of closed-form masks up to ``chimera.ops.line.DENSE_LINE_MAX`` tokens, SSD
+            beyond; other DAGs: the triangular solve up to ``dense_max_nodes`` nodes, the
+            level-set scan beyond).
         dag_norm: ``"count"`` (paper eq. 16) or ``"sqrt"`` (released ImageNet code).
         general_norm: ``"row"`` (Sec. 3.3) or ``"two_cycle"`` (App. B.1, undirected lines).
         sharing: B/C sharing across DAGs (see :func:`sharing_groups`).
@@ -185,7 +188,9 @@ class ChimeraMixer(nn.Module):
         if self.resolvent == "general":
             return "exact"
         if dag.num_graphs == 1 and dag.line_direction() != 0:
-            return "ssd"
+            # short lines: the closed-form masks of all lines summed into one SMA (mix_sum ->
+            # chimera.ops.line.mix_lines) beat two chunked SSD passes (results/bench_text)
+            return "exact" if dag.num_nodes <= DENSE_LINE_MAX else "ssd"
         return "exact" if dag.num_nodes <= self.dense_max_nodes else "dag_scan"
 
     def _dags(self, topology: Topology) -> list[Topology]:

@@ -6,8 +6,9 @@ Every algorithm sits behind the same signature and gives the same answer where i
 method        topologies           how ``L`` (or ``L X``) is obtained
 ============  ===================  =======================================================
 reference     any                  dense LU solve in float64: the test oracle
-exact         any                  grid corner DAGs: row sweeps; other DAGs: rows of L by
-                                   the level-set recurrence; otherwise an LU solve
+exact         any                  lines: closed forms (chimera.ops.line); grid corner DAGs:
+                                   row sweeps; other DAGs: rows of L by the level-set
+                                   recurrence; otherwise an LU solve
 neumann       any                  ``sum_{k<=K} A^k`` by squaring (K = diameter by default)
 dag_dense     DAGs                 ``(I + A)(I + A^2)(I + A^4)...``: exact by nilpotency
 dag_scan      DAGs                 linear-time recurrence over level sets, no ``T x T``
@@ -19,8 +20,10 @@ triton        DAGs                 the level-set recurrence as a Triton kernel
 
 :func:`mix_sum` is the multi-DAG entry point of the mixer, ``Σ_k (L_k ∘ C_{g_k} B_{g_k}ᵀ)
 (s_k ⊙ V)`` over a DAG decomposition with B/C groups; for the corner DAGs of a grid with
-``exact`` it sums the masks and runs one SMA (:func:`chimera.ops.grid.mix_grid_corners`),
-otherwise it adds up :func:`mix` per DAG.
+``exact`` it sums the masks and runs one SMA (:func:`chimera.ops.grid.mix_grid_corners`), and
+likewise for lines on the same tokens (:func:`chimera.ops.line.mix_lines`: the two directed lines
+of the text DAG encoder, or the undirected line of the UG encoder); otherwise it adds up
+:func:`mix` per DAG.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from chimera.ops.grid import (
     mix_grid_corners,
     mix_grid_dag,
 )
+from chimera.ops.line import line_kind, line_resolvent, lines_applicable, mix_lines
 from chimera.ops.scan import mix_dag_scan
 from chimera.ops.ssd import mix_ssd
 from chimera.topology import Topology
@@ -164,6 +168,18 @@ def mix_sum(
                          f"{tuple(B.shape)} and {tuple(C.shape)}")
     if max(groups) >= B.shape[2] or min(groups) < 0:
         raise ValueError(f"groups {groups} do not index the {B.shape[2]} B/C groups")
+    if all(m == "exact" for m in methods) and lines_applicable(dags):
+        # lines on the same tokens (the text encoders): one SMA over the summed masks
+        dags = [d.to(V.device) for d in dags]
+        for k, dag in enumerate(dags):
+            _check_inputs(V, B[:, :, :1].expand(b, T, h, -1), C[:, :, :1].expand(b, T, h, -1),
+                          edge_weights[k], dag)
+        out_dtype = V.dtype
+        work = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
+        Y = mix_lines(V.to(work), B.to(work), C.to(work), [w.to(work) for w in edge_weights],
+                      dags, groups, [None if s is None else s.to(work) for s in scales])
+        if Y is not None:
+            return Y.to(out_dtype)
     if all(m == "exact" for m in methods) and grid_corners_applicable(
             [d.to(V.device) for d in dags]):
         dags = [d.to(V.device) for d in dags]
@@ -196,6 +212,11 @@ def resolvent(edge_weight: Tensor, topology: Topology, method: Method = "exact",
     if method == "dag_dense":
         topology.require_dag("method='dag_dense'")
     layout = dense.block_layout(topology)
+    if method == "exact" and line_kind(topology) is not None:
+        # lines: closed forms in O(T^2) (decay mask; semiseparable inverse of a tridiagonal)
+        L = line_resolvent(edge_weight, topology)
+        if L is not None:
+            return L.unsqueeze(1), layout
     if method == "exact" and is_dag:
         return dense.resolvent_dag_rows(edge_weight, topology, layout), layout
     A = dense.dense_adjacency(edge_weight, topology, layout)

@@ -12,7 +12,10 @@ interleaved round by round so that a load change on a shared machine hits every 
 
 Layers (``--layers``): ``chimera_exact``, ``chimera_neumann`` (K = diameter per graph),
 ``chimera_dag`` (BFS-DAG pair) - :class:`chimera.models.graph.ChimeraGraphConv` with edge
-features - ``gps`` (PyG ``GPSConv`` with a GINE local MPNN, 4 heads) and ``gcn`` (``GCNConv``).
+features, its batch structure (size buckets of ``--graphs-per-bucket`` graphs, the layer's and
+``GraphModel``'s default 4; 0 = the whole batch in one call) built outside the timed call as
+``GraphModel`` shares it across its layers - ``gps`` (PyG ``GPSConv`` with a GINE local MPNN,
+4 heads) and ``gcn`` (``GCNConv``).
 
 Graphs: ``random-<n>``: one random molecule-like graph of ``n`` nodes (a random spanning tree of
 maximum degree 4 plus ring closures, mean degree ~2.1 as in Peptides-func; ``--sizes``,
@@ -52,7 +55,7 @@ from bench_mixer import PeakTensorMemory  # noqa: E402
 from torch_geometric.data import Batch  # noqa: E402
 from torch_geometric.nn import GCNConv, GINEConv, GPSConv  # noqa: E402
 
-from chimera.models.graph import ChimeraGraphConv, graph_topology  # noqa: E402
+from chimera.models.graph import ChimeraGraphConv, GraphBuckets  # noqa: E402
 
 LAYERS = ("chimera_exact", "chimera_neumann", "chimera_dag", "gps", "gcn")
 DEFAULT_SIZES = (50, 100, 200, 400, 800, 1200, 2000)
@@ -110,23 +113,25 @@ class ChimeraLayer(nn.Module):
     """:class:`ChimeraGraphConv` with the batch's structure built once outside the timed call
     (as :class:`~chimera.models.graph.GraphModel` shares it across its layers)."""
 
-    def __init__(self, hidden: int, heads: int, d_state: int, method: str) -> None:
+    def __init__(self, hidden: int, heads: int, d_state: int, method: str,
+                 graphs_per_bucket: int | None = 4) -> None:
         super().__init__()
         self.conv = ChimeraGraphConv(hidden, heads=heads, d_state=d_state, edge_dim=hidden,
-                                     method=method)
+                                     method=method, graphs_per_bucket=graphs_per_bucket)
         self.topology: Any = None
 
     def forward(self, x: Tensor, edge_index: Tensor, edge_attr: Tensor, batch: Tensor) -> Tensor:
         return self.conv(x, edge_index, edge_attr, batch, topology=self.topology)
 
 
-def build_layer(name: str, hidden: int, heads: int, d_state: int) -> nn.Module:
+def build_layer(name: str, hidden: int, heads: int, d_state: int,
+                graphs_per_bucket: int | None = 4) -> nn.Module:
     if name == "gcn":
         return GCNLayer(hidden)
     if name == "gps":
         return GPSLayer(hidden, heads)
     if name.startswith("chimera_"):
-        return ChimeraLayer(hidden, heads, d_state, name.split("_", 1)[1])
+        return ChimeraLayer(hidden, heads, d_state, name.split("_", 1)[1], graphs_per_bucket)
     raise ValueError(f"unknown layer {name!r}; choose from {LAYERS}")
 
 
@@ -147,14 +152,19 @@ def measure(cases: list[tuple[str, Tensor, Tensor]], layers: list[str], args) ->
         x = torch.randn(n, args.hidden, generator=g)
         ea = torch.randn(ei.shape[1], args.hidden, generator=g)
         grad = torch.randn(n, args.hidden, generator=g)
-        topo = graph_topology(ei, n, batch)
-        topo.diameter()  # structure outside the timed region (datasets cache it)
+        per_bucket = args.graphs_per_bucket or None
+        structure = None
         built = {}
         for name in layers:
             torch.manual_seed(0)
-            layer = build_layer(name, args.hidden, args.heads, args.d_state)
+            layer = build_layer(name, args.hidden, args.heads, args.d_state, per_bucket)
             if isinstance(layer, ChimeraLayer):
-                layer.topology = topo
+                if structure is None:  # outside the timed region (datasets cache diameters)
+                    structure = layer.conv.structure(ei, batch, n)
+                    for t in ([q.topology for q in structure.parts]
+                              if isinstance(structure, GraphBuckets) else [structure]):
+                        t.diameter()
+                layer.topology = structure
             # cubic extrapolation along the single random graphs only: a peptide batch costs
             # per graph (~150 atoms each), not like one graph of its total size
             prev = last.get(name) if label.startswith("random") else None
@@ -203,7 +213,8 @@ def report(rows: list[dict], args, out: Path, total_s: float) -> str:
     get = {(r["case"], r["layer"]): r for r in rows}
     lines = ["# Graph layers: forward + backward time and peak memory", "",
              f"hidden {args.hidden}, heads {args.heads}, Chimera state {args.d_state}, "
-             f"{torch.get_num_threads()} threads, device cpu, median of {args.repeats} "
+             f"{torch.get_num_threads()} threads, device cpu, Chimera size buckets of "
+             f"{args.graphs_per_bucket or 'all'} graphs, median of {args.repeats} "
              f"interleaved rounds; total {total_s:.0f} s. Peak memory: tensor storages created "
              f"during the call (a lower bound on CPU).", "",
              "| case | nodes | " + " | ".join(f"{x} ms" for x in layers) + " | "
@@ -274,6 +285,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)     # Peptides-struct: 4 heads, state 80
     p.add_argument("--d-state", type=int, default=80)
+    p.add_argument("--graphs-per-bucket", type=int, default=4,
+                   help="Chimera size buckets (0: the whole batch in one call)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budget", type=float, default=20.0, help="seconds per call before skipping")

@@ -166,6 +166,64 @@ def test_dag_algorithms_agree_through_the_layer():
         torch.testing.assert_close(run(conv, b), y, atol=1e-9, rtol=1e-7)
 
 
+def test_dag_auto_picks_rows_by_the_largest_graph_and_agrees_with_the_oracle():
+    """``dag_method="auto"``: the rows of L (``exact``) while the largest graph of the call has at
+    most ``dense_max_nodes`` nodes, whatever the batch's total; the state scan beyond; both equal
+    the float64 oracle, and the mixer's own method is left as built."""
+    from chimera.models.graph import bucket_graphs
+
+    torch.manual_seed(4)
+    sizes = [9, 5, 14, 7, 11]
+    b = batch_of([ring_with_tail(9), path(5), ring_with_tail(14), path(7), ring_with_tail(11)],
+                 sizes)
+    oracle = ChimeraGraphConv(8, edge_dim=3, method="dag", dag_method="reference",
+                              **SMALL).double()
+    y_ref = run(oracle, b, topology=graph_topology(b.edge_index, b.num_nodes, b.batch))
+    for dense_max, per_bucket, expect in ((14, None, "exact"), (13, None, "dag_scan"),
+                                          (20, 2, "exact"), (10, 2, None)):
+        conv = ChimeraGraphConv(8, edge_dim=3, method="dag", dense_max_nodes=dense_max,
+                                graphs_per_bucket=per_bucket, **SMALL).double()
+        conv.load_state_dict(oracle.state_dict())
+        topo = conv.structure(b.edge_index, b.batch, b.num_nodes)
+        if per_bucket is None:
+            assert conv._dag_method_for(topo) == expect  # 46 nodes in all, largest graph 14
+        else:
+            assert len(topo.parts) == 3
+            picked = [conv._dag_method_for(part.topology) for part in topo.parts]
+            if expect:
+                assert picked == [expect] * 3
+            else:  # buckets of (5, 7), (9, 11), (14): the last ones beyond 10 nodes
+                assert picked == ["exact", "dag_scan", "dag_scan"]
+        torch.testing.assert_close(run(conv, b, topology=topo), y_ref, atol=1e-9, rtol=1e-7)
+        torch.testing.assert_close(run(conv, b), y_ref, atol=1e-9, rtol=1e-7)  # own structure
+        assert conv.mixer.method == "auto"
+    bk = bucket_graphs(b.edge_index, b.batch, 5, 2)
+    assert isinstance(ChimeraGraphConv(8, graphs_per_bucket=2).structure(
+        b.edge_index, b.batch, b.num_nodes), type(bk))
+    with pytest.raises(ValueError, match="graphs_per_bucket"):
+        ChimeraGraphConv(8, graphs_per_bucket=0)
+
+
+@pytest.mark.parametrize("method", ["exact", "neumann", "dag"])
+def test_layer_buckets_equal_one_call_with_gradients(method):
+    """The layer's own size buckets (no ``topology`` given) give the one-call result, values and
+    gradients (float64)."""
+    torch.manual_seed(5)
+    b = batch_of([ring_with_tail(9), path(5), ring_with_tail(14), path(7), ring_with_tail(11)],
+                 [9, 5, 14, 7, 11])
+    outs = []
+    for per_bucket in (None, 2):
+        torch.manual_seed(5)
+        conv = ChimeraGraphConv(8, edge_dim=3, method=method, graphs_per_bucket=per_bucket,
+                                **SMALL).double()
+        x = b.x.clone().requires_grad_(True)
+        y = conv(x, b.edge_index, b.edge_attr, b.batch)
+        y.square().sum().backward()
+        outs.append((y.detach(), x.grad, conv.mixer.in_proj.weight.grad))
+    for a, c in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(c, a, atol=1e-9, rtol=1e-7)
+
+
 # --------------------------------------------------------------------------- K and Prop. 4.6
 def _sensitivity(conv: ChimeraGraphConv, n: int, target: int = 0) -> torch.Tensor:
     """|d y_target / d x_j| summed over channels, on a path of n nodes."""

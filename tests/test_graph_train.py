@@ -300,7 +300,7 @@ def test_fast_dev_run_per_member(name, tmp_path):
 
 # --------------------------------------------------------------------------- size buckets
 @pytest.mark.parametrize("method,k_mode", [("exact", "diameter"), ("neumann", "diameter"),
-                                           ("neumann", "max_nodes")])
+                                           ("neumann", "max_nodes"), ("dag", "diameter")])
 def test_size_buckets_give_the_unbucketed_result(method, k_mode):
     """Chimera on buckets of similarly sized graphs (less padding) equals one call on the whole
     batch, values and gradients, with pre-computed structure or without."""
@@ -326,7 +326,8 @@ def test_size_buckets_give_the_unbucketed_result(method, k_mode):
                                     if p.grad is not None]))
         for y, g in zip(outs[1:], grads[1:], strict=True):
             torch.testing.assert_close(y, outs[0], rtol=1e-10, atol=1e-10)
-            torch.testing.assert_close(g, grads[0], rtol=1e-8, atol=1e-10)
+            # (float64; the DAG sweeps sum in another order per bucket: ~1e-10 apart)
+            torch.testing.assert_close(g, grads[0], rtol=1e-7, atol=1e-9)
 
 
 def test_bucket_graphs_partitions_nodes_and_edges():

@@ -176,8 +176,19 @@ class ChimeraGraphConv(nn.Module):
       :func:`num_terms_for` (``k_mode``, ``k_factor``), or a fixed ``num_terms``;
     * ``"dag"`` (Sec. 4.1): the two BFS-depth DAGs of every graph (downward and upward), each with
       the DAG normalisation (eq. 16), summed; ``dag_method`` is the algorithm of
-      :func:`chimera.ops.mix` per DAG (``"auto"``: dense rows up to ``dense_max_nodes`` nodes,
-      the linear-time recurrence beyond).
+      :func:`chimera.ops.mix` per DAG (``"auto"``: the rows of ``L`` by the level-set recurrence
+      and a dense SMA per graph (``"exact"``) while the call's largest *graph* has at most
+      ``dense_max_nodes`` nodes (default 1024), the linear-time state recurrence
+      (``"dag_scan"``) beyond. The rows cost ``O(|E| n_max)`` per head, so a batch of many small
+      graphs stays on them whatever its total size: on 64 peptides (10,507 atoms) they take a
+      third of the state scan's time, which holds ``N x P`` states for every atom).
+
+    Size buckets: on a batch of more than ``graphs_per_bucket`` graphs, the operator runs on
+    buckets of that many graphs of similar size (:func:`bucket_graphs`; same values and
+    gradients, far less padding of the per-graph dense blocks, and on DAGs fewer levels
+    swept at once than the deepest graph of the whole batch needs); ``None`` = one call on the
+    whole batch. :meth:`structure` builds the buckets (or the plain topology) once for several
+    layers; ``forward`` builds them itself when given no ``topology``.
 
     Edge features (``edge_dim``) give a per-edge selectivity ``delta_e`` that enters ``A_ij``
     as ``(delta_i + delta_j + delta_e) / 3`` (the review's answer on edge features).
@@ -197,6 +208,8 @@ class ChimeraGraphConv(nn.Module):
         expand: ``d_inner = expand * channels``.
         edge_dim: width of ``edge_attr`` (``None``: no edge features).
         num_terms: a fixed ``K`` for ``neumann`` (overrides ``k_mode``).
+        graphs_per_bucket: graphs per size bucket when ``forward`` gets no ``topology``
+            (``None``: the whole batch in one call).
         **mixer_kwargs: further :class:`~chimera.ChimeraMixer` options (``gamma``,
             ``edge_selectivity``, ``dag_norm``, ``dag_sum``, ``sharing``, ``dt_min``, ...).
     """
@@ -214,9 +227,12 @@ class ChimeraGraphConv(nn.Module):
         k_mode: KMode = "diameter",
         k_factor: float = 1.0,
         dag_method: str = "auto",
+        graphs_per_bucket: int | None = 4,
         **mixer_kwargs,
     ) -> None:
         super().__init__()
+        if graphs_per_bucket is not None and graphs_per_bucket < 1:
+            raise ValueError(f"graphs_per_bucket must be >= 1 or None, got {graphs_per_bucket}")
         if method not in ("exact", "neumann", "dag"):
             raise ValueError(f"unknown method {method!r}; use 'exact', 'neumann' or 'dag'")
         if k_mode not in ("diameter", "max_nodes"):
@@ -231,6 +247,7 @@ class ChimeraGraphConv(nn.Module):
                              f"heads = {heads}")
         self.channels, self.heads, self.method = channels, heads, method
         self.num_terms, self.k_mode, self.k_factor = num_terms, k_mode, k_factor
+        self.graphs_per_bucket, self.dag_method = graphs_per_bucket, dag_method
         if method == "dag":
             kw = dict(resolvent="dag", method=dag_method)
         else:
@@ -243,6 +260,41 @@ class ChimeraGraphConv(nn.Module):
         k = f", num_terms={self.num_terms}" if self.num_terms is not None else (
             f", k_mode={self.k_mode}, k_factor={self.k_factor}" if self.method == "neumann" else "")
         return f"{self.channels}, heads={self.heads}, method={self.method}{k}"
+
+    def structure(
+        self,
+        edge_index: Tensor,
+        batch: Tensor | None,
+        num_nodes: int,
+        num_graphs: int | None = None,
+        *,
+        bfs_depth: Tensor | None = None,
+        diameter: Tensor | None = None,
+        graphs_per_bucket: int | None | Literal["layer"] = "layer",
+    ) -> Topology | GraphBuckets:
+        """The batch's structure for ``forward(..., topology=)``: size buckets
+        (:func:`bucket_graphs`) when the batch has more than ``graphs_per_bucket`` graphs (default:
+        this layer's), else one :func:`graph_topology`. Build it once per batch and pass it to
+        every layer, which then share its cached DAGs, sweep plans, layouts and diameters."""
+        per = self.graphs_per_bucket if graphs_per_bucket == "layer" else graphs_per_bucket
+        if batch is None:
+            batch = torch.zeros(int(num_nodes), dtype=torch.long, device=edge_index.device)
+        if num_graphs is None:
+            num_graphs = int(batch.max()) + 1 if batch.numel() else 1
+        if per is not None and num_graphs > per:
+            return bucket_graphs(edge_index, batch, num_graphs, per, bfs_depth=bfs_depth,
+                                 diameter=diameter)
+        return graph_topology(edge_index, int(num_nodes), batch, bfs_depth=bfs_depth,
+                              diameter=diameter)
+
+    def _dag_method_for(self, topology: Topology) -> str:
+        """``dag_method="auto"`` per call: the rows of ``L`` while the largest graph of the call
+        is at most the mixer's ``dense_max_nodes``, the state scan beyond (see the class)."""
+        if self.dag_method != "auto":
+            return self.dag_method
+        n_max = topology._cached("max_graph_nodes",
+                                 lambda: int((topology.ptr[1:] - topology.ptr[:-1]).max()))
+        return "exact" if n_max <= self.mixer.dense_max_nodes else "dag_scan"
 
     def num_terms_for(self, topology: Topology) -> Tensor | int | None:
         """The ``K`` this layer uses on ``topology`` (``None`` unless ``method="neumann"``)."""
@@ -272,25 +324,27 @@ class ChimeraGraphConv(nn.Module):
         """
         if x.dim() != 2 or x.shape[-1] != self.channels:
             raise ValueError(f"x must be (num_nodes, {self.channels}), got {tuple(x.shape)}")
+        if topology is None:
+            topology = self.structure(edge_index, batch, x.shape[0], bfs_depth=bfs_depth,
+                                      diameter=diameter)
         if isinstance(topology, GraphBuckets):
             return self._forward_buckets(x, edge_attr, topology, num_terms)
-        if topology is None:
-            topology = graph_topology(edge_index, x.shape[0], batch, bfs_depth=bfs_depth,
-                                      diameter=diameter)
-        elif topology.num_nodes != x.shape[0]:
+        if topology.num_nodes != x.shape[0]:
             raise ValueError(f"x has {x.shape[0]} nodes, the topology {topology.num_nodes}")
         if edge_attr is not None and edge_attr.dim() == 1:
             edge_attr = edge_attr.unsqueeze(-1)
         if self.mixer.edge_proj is None:
             edge_attr = None  # this layer was built without edge features
         K = self.num_terms_for(topology) if num_terms is None else num_terms
-        # the mixer reads K from its attribute; set it for this call only
-        saved = self.mixer.num_terms
+        # the mixer reads K and its DAG algorithm from its attributes; set them for this call
+        saved = self.mixer.num_terms, self.mixer.method
         self.mixer.num_terms = K
+        if self.method == "dag":
+            self.mixer.method = self._dag_method_for(topology)
         try:
             y = self.mixer(x.unsqueeze(0), topology, edge_attr)
         finally:
-            self.mixer.num_terms = saved
+            self.mixer.num_terms, self.mixer.method = saved
         return y.squeeze(0)
 
 
@@ -593,9 +647,9 @@ class GraphModel(nn.Module):
             (``node_in_dim`` floats); edge_encoder: ``"bond"``, ``"linear"`` (``edge_in_dim``)
             or ``None`` (no edge features).
         head_layers: number of linear layers of the MLP head.
-        graphs_per_bucket: Chimera ``exact`` / ``neumann``: run the global operator on buckets of
-            this many graphs of similar size (:func:`bucket_graphs`; same result, far less
-            padding); ``None`` = the whole batch in one call.
+        graphs_per_bucket: Chimera (every method): run the global operator on buckets of this
+            many graphs of similar size (:func:`bucket_graphs`; same result, far less padding,
+            and on DAGs shallower level sweeps); ``None`` = the whole batch in one call.
         heads: attention / Chimera heads; **layer_kwargs: forwarded to the layers
             (:class:`ChimeraGPSLayer`: ``local``, ``norm``, ``d_state``, ``method``, ``k_mode``,
             ``k_factor``, ``expand``, ...).
@@ -689,23 +743,23 @@ class GraphModel(nn.Module):
         if self.layer_type == "chimera":
             num_graphs = getattr(data, "num_graphs", None) or int(batch.max()) + 1
             conv = self.layers[0].chimera
-            dense = conv is not None and conv.method in ("exact", "neumann")
             # built once per batch: every layer shares its cached DAGs / diameters / layouts
-            if dense and self.graphs_per_bucket and num_graphs > self.graphs_per_bucket:
-                topology = bucket_graphs(edge_index, batch, num_graphs, self.graphs_per_bucket,
-                                         bfs_depth=getattr(data, "bfs_depth", None),
-                                         diameter=getattr(data, "diameter", None))
+            kw = dict(bfs_depth=getattr(data, "bfs_depth", None),
+                      diameter=getattr(data, "diameter", None))
+            if conv is None:
+                topology = graph_topology(edge_index, h.shape[0], batch, **kw)
+            else:
+                topology = conv.structure(edge_index, batch, h.shape[0], num_graphs,
+                                          graphs_per_bucket=self.graphs_per_bucket, **kw)
+            if isinstance(topology, GraphBuckets):
                 if conv.method == "neumann" and conv.num_terms is None and (
                         conv.k_mode == "max_nodes"):
                     # the release's K is the whole batch's, not a bucket's
                     counts = torch.bincount(batch, minlength=num_graphs)
                     K = int(int(counts.max()) // conv.k_factor)
                 # k_mode="diameter": each bucket computes its graphs' own K (the same values)
-            else:
-                topology = graph_topology(edge_index, h.shape[0], batch,
-                                          bfs_depth=getattr(data, "bfs_depth", None),
-                                          diameter=getattr(data, "diameter", None))
-                K = conv.num_terms_for(topology) if conv is not None else None
+            elif conv is not None:
+                K = conv.num_terms_for(topology)
         for layer in self.layers:
             h, e = layer(h, edge_index, e, batch, topology=topology, num_terms=K)
         if self.task_level == "graph":

@@ -496,3 +496,32 @@ def test_mcc_is_zero_for_constant_predictions_as_sklearn_defines_it():
     tp, tn, fp, fn = 6, 3, 0, 1  # hand-computed
     expected = (tp * tn - fp * fn) / ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
     assert float(m.compute()) == pytest.approx(expected, abs=1e-6)
+
+
+def test_holdout_replaces_dev_with_unseen_training_examples(tmp_path, tokenizer):
+    # tuning a recipe ranks runs on held-out *training* examples; the dev split is not read
+    make_qqp(tmp_path)
+    rows = [["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]]
+    rows += [[str(i), "1", "2", f"q{i}", f"p{i}", str(i % 2)] for i in range(40)]
+    write_tsv(tmp_path / "QQP" / "train.tsv", rows)
+    (tmp_path / "QQP" / "dev.tsv").unlink()
+    dm = GLUEDataModule("qqp", source="local", glue_dir=str(tmp_path), tokenizer=tokenizer,
+                        batch_size=64, holdout=10, max_train_samples=25)
+    dm.prepare_data()  # the dev file is gone on purpose: not needed
+    assert dm.val_split_names == ("holdout",)
+
+    def texts(loader):
+        return {tokenizer.decode(ids, skip_special_tokens=True).split()[0]
+                for b in loader for ids in b["input_ids"]}
+
+    held, train = texts([next(iter(dm.val_dataloader()))]), texts(dm.train_dataloader())
+    assert len(held) == 10 and len(train) == 25 and not held & train
+    twin = GLUEDataModule("qqp", source="local", glue_dir=str(tmp_path), tokenizer=tokenizer,
+                          batch_size=64, holdout=10, max_train_samples=25)
+    assert texts([next(iter(twin.val_dataloader()))]) == held  # drawn with data_seed
+    with pytest.raises(ValueError, match="holdout"):
+        GLUEDataModule("qqp", source="local", glue_dir=str(tmp_path), holdout=0)
+    too_big = GLUEDataModule("qqp", source="local", glue_dir=str(tmp_path), tokenizer=tokenizer,
+                             holdout=40)
+    with pytest.raises(ValueError, match="leaves no training examples"):
+        too_big.setup()

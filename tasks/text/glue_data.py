@@ -371,6 +371,10 @@ class GLUEDataModule(L.LightningDataModule):
         seed: training order (per epoch, through :func:`tasks.core.data.train_loader`).
         max_train_samples / max_eval_samples: use a fixed subset of this many examples
             (chosen with ``data_seed``; tiny runs and tests).
+        holdout: for tuning a recipe without touching the dev set: this many training examples
+            (drawn with ``data_seed``, disjoint from the training subset) replace every
+            validation split, so that a sweep can be ranked on them and the dev scores stay
+            the reported ones. ``None`` (default) validates on the dev split(s).
         hf_path / cache_dir: the Hub repository (or a local copy) and the ``datasets`` cache.
         pad_to_multiple_of: padding granularity.
         token_type_ids: include ``token_type_ids`` in batches.
@@ -399,9 +403,13 @@ class GLUEDataModule(L.LightningDataModule):
         pad_to_multiple_of: int | None = 8,
         token_type_ids: bool = True,
         offline: bool | None = None,
+        holdout: int | None = None,
     ) -> None:
         super().__init__()
         self.task = glue_task(task)
+        if holdout is not None and holdout < 1:
+            raise ValueError(f"data.holdout must be a positive number of examples, got {holdout}")
+        self.holdout = holdout
         if source not in ("hf", "local"):
             raise ValueError(f"data.source must be 'hf' or 'local', got {source!r}")
         if max_length < 3:
@@ -448,7 +456,7 @@ class GLUEDataModule(L.LightningDataModule):
     @property
     def val_split_names(self) -> tuple[str, ...]:
         """Names of the validation loaders in ``val_dataloader()`` order."""
-        return self.task.eval_splits
+        return ("holdout",) if self.holdout is not None else self.task.eval_splits
 
     # -- reading ---------------------------------------------------------------------------
     def read_split(self, split: str) -> Columns:
@@ -458,11 +466,12 @@ class GLUEDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         _ = self.tokenizer
+        needed = ("train",) if self.holdout is not None else ("train", *self.task.eval_splits)
         if self.source == "local":  # fail early, naming the missing file
-            for split in ("train", *self.task.eval_splits):
+            for split in needed:
                 local_split_file(self.task, self.glue_dir, split)
         else:
-            for split in ("train", *self.task.eval_splits):
+            for split in needed:
                 self.read_split(split)  # downloads into the HF cache once, on rank 0
 
     def _subset(self, cols: Columns, limit: int | None) -> Columns:
@@ -504,11 +513,39 @@ class GLUEDataModule(L.LightningDataModule):
             except DataNotFoundError:
                 pass
         for split in splits:
+            if self.holdout is not None and split in self.task.eval_splits:
+                continue  # the dev split is not read while tuning
             cols = self.read_split(split)
+            if split == "train" and self.holdout is not None:
+                train, held = self._split_holdout(cols)
+                for name, part in (("train", train), ("holdout", held)):
+                    self.stats[name] = {"rows": len(cols), "skipped": cols.skipped,
+                                        "used": len(part)}
+                    self.datasets[name] = self.encode(part)
+                continue
             limit = self.max_train_samples if split == "train" else self.max_eval_samples
             used = self._subset(cols, limit)
             self.stats[split] = {"rows": len(cols), "skipped": cols.skipped, "used": len(used)}
             self.datasets[split] = self.encode(used)
+
+    def _split_holdout(self, cols: Columns) -> tuple[Columns, Columns]:
+        """(training subset, held-out examples): disjoint, both drawn with ``data_seed``."""
+        n = len(cols)
+        if self.holdout >= n:
+            raise ValueError(f"data.holdout={self.holdout} leaves no training examples of "
+                             f"{self.task.name} ({n} rows)")
+        perm = np.random.default_rng(self.data_seed).permutation(n)
+        held, rest = np.sort(perm[:self.holdout]), perm[self.holdout:]
+        if self.max_train_samples is not None:
+            rest = rest[:self.max_train_samples]
+        rest = np.sort(rest)
+
+        def take(idx: np.ndarray) -> Columns:
+            return Columns([cols.text_a[i] for i in idx],
+                           [cols.text_b[i] for i in idx] if cols.text_b is not None else None,
+                           [cols.labels[i] for i in idx], cols.skipped)
+
+        return take(rest), take(held)
 
     # -- loaders ---------------------------------------------------------------------------
     def _collate(self) -> _GlueCollate:
@@ -537,6 +574,8 @@ class GLUEDataModule(L.LightningDataModule):
         return self._loader("train", True)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        if self.holdout is not None:
+            return self._loader("holdout", False)
         loaders = [self._loader(s, False) for s in self.task.eval_splits]
         return loaders[0] if len(loaders) == 1 else loaders
 

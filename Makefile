@@ -80,3 +80,18 @@ finetune-glue: install  ## GLUE from a checkpoint: make finetune-glue CKPT=<mlm 
 	@test -e "$(CKPT)" || { echo "error: CKPT=$(CKPT) does not exist" >&2; exit 2; }
 	$(PY) scripts/reproduce.py glue --preset $(PRESET) --runs $(GLUE_RUNS) --out $(GLUE_RUNS)/table -- \
 		pretrained=$(abspath $(CKPT)) $(TRAIN_ARGS)
+
+# --- text: length generalisation (beyond the paper, issue 8 §8) ------------------------------
+# Held-out masked-LM loss and accuracy of Table 1's pretrained models (BERT, Chimera-UG,
+# Chimera-DAG: $(RUNS)/<model>/seed0/hf) at the training length x 1, 2, 4, 8, 16
+# (scripts/length_generalisation.py; tasks/text/README.md). PRESET defaults to tiny here, not
+# paper, unless given: the tiny runs are the ones a CPU makes. LENGTH_ARGS: more options
+# (e.g. LENGTH_ARGS="--lengths 128,256 --tokens 32768").
+LENGTH_PRESET = $(if $(filter command line environment override,$(origin PRESET)),$(PRESET),tiny)
+RUNS        ?= results/runs/table1/$(LENGTH_PRESET)
+LENGTH_ARGS ?=
+.PHONY: length-generalisation
+
+length-generalisation: install  ## MLM loss/accuracy vs evaluation length: make length-generalisation [RUNS=results/runs/table1/tiny] [PRESET=tiny]
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) scripts/length_generalisation.py --runs $(RUNS) \
+		--preset $(LENGTH_PRESET) --out results/length_generalisation/$(LENGTH_PRESET) $(LENGTH_ARGS)

@@ -470,3 +470,33 @@ def test_per_graph_neumann_in_the_core():
         torch.testing.assert_close(L[:, i, :, :n, :n], Li[:, 0])
     with pytest.raises(ValueError, match="one K per graph"):
         resolvent(w, topo, "neumann", num_terms=torch.tensor([4, 2, 1]))
+
+
+def test_bfs_dag_levels_equal_kahns_and_are_used():
+    """The BFS DAGs' levels read off pre-computed depths (graph_topology(bfs_depth=...)) equal
+    Kahn's longest-path levels, on molecules with rings, several components, isolated nodes;
+    a depth that is not a BFS depth falls back to Kahn's algorithm."""
+    from chimera.models.graph import bfs_dag_levels
+    from chimera.topology.decompose import bfs_dags
+    from tasks.graph.transforms import ChimeraStructure
+
+    graphs = [ring_with_tail(9), path(5), ring_with_tail(14), torch.zeros(2, 0, dtype=torch.long),
+              torch.cat([ring_with_tail(6), ring_with_tail(5) + 6], 1)]
+    sizes = [9, 5, 14, 3, 11]
+    data = [ChimeraStructure()(Data(edge_index=ei, num_nodes=n)) for ei, n in zip(graphs, sizes,
+                                                                                   strict=True)]
+    b = Batch.from_data_list(data)
+    topo = graph_topology(b.edge_index, b.num_nodes, b.batch, bfs_depth=b.bfs_depth)
+    fresh = bfs_dags(from_edge_index(b.edge_index, b.num_nodes, batch=b.batch),
+                     depth=b.bfs_depth)
+    for dag, ref in zip(topo.dags(), fresh, strict=True):
+        assert "levels" in dag._cache
+        assert torch.equal(dag.levels, ref.levels)  # ref: Kahn's algorithm
+        assert all(torch.equal(a, c) for a, c in zip(dag.level_sets(), ref.level_sets(),
+                                                     strict=True))
+    wrong = b.bfs_depth.clone()
+    wrong[1] += 1  # not a BFS depth any more
+    assert bfs_dag_levels(bfs_dags(from_edge_index(b.edge_index, b.num_nodes, batch=b.batch),
+                                   depth=wrong)[0], wrong) is None
+    topo = graph_topology(b.edge_index, b.num_nodes, b.batch, bfs_depth=wrong)
+    assert all("levels" not in d._cache and d.is_dag for d in topo.dags())

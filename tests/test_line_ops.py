@@ -22,6 +22,20 @@ from chimera.ops.mix import mix_sum
 from chimera.topology import from_edge_index, grid, line
 
 
+@pytest.fixture(autouse=True)
+def _closed_form_at_every_length(monkeypatch):
+    # short undirected lines normally keep the LU solve (UG_SOLVE_MAX): test the closed form
+    monkeypatch.setattr("chimera.ops.line.UG_SOLVE_MAX", 1)
+
+
+def test_short_undirected_lines_keep_the_solve(monkeypatch):
+    monkeypatch.setattr("chimera.ops.line.UG_SOLVE_MAX", 64)
+    topo = line(40)
+    w = _two_cycle_weights(topo)
+    assert line_resolvent(w, topo) is None
+    assert line_resolvent(_two_cycle_weights(line(65)), line(65)) is not None
+
+
 def _dense_L(w, topo):
     """Oracle: ``(I - A)^-1`` by LU in float64, ``(b, h, T, T)``."""
     b, h, _ = w.shape

@@ -40,6 +40,13 @@ from torch import Tensor
 from chimera.ops.masks import decay_mask, safe_log
 from chimera.topology import Topology
 
+#: Undirected lines up to this length keep the LU solve in ``mix``/``mix_sum``: at 64 tokens a
+#: batched 64 x 64 solve is cheap and the closed form's ~100 small ops (pivot scans, prefix
+#: sums) cost more (tiny text models, batch 32: 163 vs 299 ms per block forward + backward on
+#: the loaded 2-core machine); from 128 tokens on the closed form wins (3x at T = 128, 25x at
+#: T = 512 in results/bench_text).
+UG_SOLVE_MAX = 64
+
 #: Longest directed line mixed by the fused dense path (``T x T`` masks per head; the mixer's
 #: ``method="auto"``): longer ones use chunked SSD. Undirected lines are dense at any length.
 DENSE_LINE_MAX = 256
@@ -97,26 +104,22 @@ def directed_line_resolvent(edge_weight: Tensor, topo: Topology) -> Tensor:
 
 def _mobius_prefix(r: Tensor) -> Tensor:
     """Pivots ``d_0 = 1``, ``d_{m+1} = 1 - r_m / d_m`` for ``r (..., T-1)`` -> ``d (..., T)``,
-    by a rescaled log-depth scan over the 2x2 maps ``[[1, -r], [1, 0]]``."""
-    one = torch.ones_like(r)
-    a, b, c, d = one, -r, one, torch.zeros_like(r)
+    by a rescaled log-depth scan over the 2x2 maps ``[[1, -r], [1, 0]]`` (one batched 2x2
+    product per level: few ops, as the scan runs once per layer on small tensors)."""
     n = r.shape[-1]
+    one, zero = torch.ones_like(r), torch.zeros_like(r)
+    P = torch.stack([torch.stack([one, -r], -1), torch.stack([one, zero], -1)], -2)
     s = 1
     while s < n:
         # newer maps multiply on the left: P[k] <- P[k] @ P[k - s] for k >= s
-        a2, b2, c2, d2 = a[..., :-s], b[..., :-s], c[..., :-s], d[..., :-s]
-        a1, b1, c1, d1 = a[..., s:], b[..., s:], c[..., s:], d[..., s:]
-        na, nb = a1 * a2 + b1 * c2, a1 * b2 + b1 * d2
-        nc, nd = c1 * a2 + d1 * c2, c1 * b2 + d1 * d2
+        prod = P[..., s:, :, :] @ P[..., :-s, :, :]
         # a Möbius map is unchanged by scaling its matrix: keep entries O(1)
-        scale = na.abs() + nb.abs() + nc.abs() + nd.abs()
-        a = torch.cat([a[..., :s], na / scale], -1)
-        b = torch.cat([b[..., :s], nb / scale], -1)
-        c = torch.cat([c[..., :s], nc / scale], -1)
-        d = torch.cat([d[..., :s], nd / scale], -1)
+        prod = prod / prod.abs().sum((-1, -2), keepdim=True)
+        P = torch.cat([P[..., :s, :, :], prod], -3)
         s *= 2
     # applied to (num, den) = (1, 1): d_0 = 1
-    piv = (a + b) / (c + d)
+    v = P.sum(-1)  # (..., n, 2): P @ (1, 1)
+    piv = v[..., 0] / v[..., 1]
     return torch.cat([torch.ones_like(r[..., :1]), piv], -1)
 
 
@@ -145,8 +148,8 @@ def _undirected_factors(edge_weight: Tensor, topo: Topology
     log_q = log_w.new_zeros(b, h, T - 1).index_copy(-1, topo.src[step == 1],
                                                     log_w[..., step == 1])
     r = p * q
-    d = _mobius_prefix(r)
-    e = _mobius_prefix(r.flip(-1)).flip(-1)
+    both = _mobius_prefix(torch.stack([r, r.flip(-1)]))  # from the top and from the bottom
+    d, e = both[0], both[1].flip(-1)
     diag = d + e - 1
     if not (bool((d > 0).all()) and bool((e > 0).all()) and bool((diag > 0).all())):
         return None
@@ -210,11 +213,14 @@ def undirected_line_resolvent(edge_weight: Tensor, topo: Topology) -> Tensor | N
 
 
 def line_resolvent(edge_weight: Tensor, topo: Topology) -> Tensor | None:
-    """``L (b, h, T, T)`` of any line (directed or undirected), ``None`` if not applicable."""
+    """``L (b, h, T, T)`` of any line (directed or undirected), ``None`` if not applicable
+    (or an undirected line of at most ``UG_SOLVE_MAX`` tokens, which the LU solve serves)."""
     kind = line_kind(topo)
     if kind is None:
         return None
     if kind == 0:
+        if topo.num_nodes <= UG_SOLVE_MAX:
+            return None
         return undirected_line_resolvent(edge_weight, topo)
     if bool((edge_weight < 0).any()):
         return None
@@ -252,6 +258,8 @@ def mix_lines(V: Tensor, B: Tensor, C: Tensor, edge_weights: Sequence[Tensor],
         Y = _mix_pair(V, scores, edge_weights, dags, groups, input_scales, kinds)
         if Y is not None:
             return Y
+    if kinds == [0] and V.shape[1] <= UG_SOLVE_MAX:
+        return None  # the caller's LU solve
     if positive and kinds == [0]:
         factors = _undirected_factors(edge_weights[0], dags[0])
         if factors is not None and V.shape[1] > DENSE_LINE_MAX:

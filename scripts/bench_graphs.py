@@ -188,7 +188,7 @@ def measure(cases: list[tuple[str, Tensor, Tensor]], layers: list[str], args) ->
                 t0 = time.perf_counter()
                 one_call(layer, x, ei, ea, batch, grad)
                 times[name].append(time.perf_counter() - t0)
-        for name, (_layer, mem, first) in built.items():
+        for name, (_layer, mem, _first) in built.items():
             t = statistics.median(times[name])
             if label.startswith("random"):
                 last[name] = (n, t)

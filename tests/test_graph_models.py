@@ -204,10 +204,11 @@ def test_dag_auto_picks_rows_by_the_largest_graph_and_agrees_with_the_oracle():
         ChimeraGraphConv(8, graphs_per_bucket=0)
 
 
-@pytest.mark.parametrize("method", ["exact", "neumann", "dag"])
-def test_layer_buckets_equal_one_call_with_gradients(method):
+@pytest.mark.parametrize("method,k_mode", [("exact", "diameter"), ("neumann", "diameter"),
+                                           ("neumann", "max_nodes"), ("dag", "diameter")])
+def test_layer_buckets_equal_one_call_with_gradients(method, k_mode):
     """The layer's own size buckets (no ``topology`` given) give the one-call result, values and
-    gradients (float64)."""
+    gradients (float64); ``k_mode="max_nodes"`` keeps the whole batch's K."""
     torch.manual_seed(5)
     b = batch_of([ring_with_tail(9), path(5), ring_with_tail(14), path(7), ring_with_tail(11)],
                  [9, 5, 14, 7, 11])
@@ -215,7 +216,7 @@ def test_layer_buckets_equal_one_call_with_gradients(method):
     for per_bucket in (None, 2):
         torch.manual_seed(5)
         conv = ChimeraGraphConv(8, edge_dim=3, method=method, graphs_per_bucket=per_bucket,
-                                **SMALL).double()
+                                k_mode=k_mode, **SMALL).double()
         x = b.x.clone().requires_grad_(True)
         y = conv(x, b.edge_index, b.edge_attr, b.batch)
         y.square().sum().backward()

@@ -386,6 +386,12 @@ class ChimeraGraphConv(nn.Module):
                          num_terms: Tensor | int | None) -> Tensor:
         if buckets.num_nodes != x.shape[0]:
             raise ValueError(f"x has {x.shape[0]} nodes, the buckets {buckets.num_nodes}")
+        if (num_terms is None and self.method == "neumann" and self.num_terms is None
+                and self.k_mode == "max_nodes"):
+            # the release's K is the whole batch's (its largest graph), not each bucket's
+            n_max = max(int((q.topology.ptr[1:] - q.topology.ptr[:-1]).max())
+                        for q in buckets.parts)
+            num_terms = int(n_max // self.k_factor)
         out = x.new_zeros(x.shape)
         for part in buckets.parts:
             K = num_terms
@@ -785,15 +791,10 @@ class GraphModel(nn.Module):
             else:
                 topology = conv.structure(edge_index, batch, h.shape[0], num_graphs,
                                           graphs_per_bucket=self.graphs_per_bucket, **kw)
-            if isinstance(topology, GraphBuckets):
-                if conv.method == "neumann" and conv.num_terms is None and (
-                        conv.k_mode == "max_nodes"):
-                    # the release's K is the whole batch's, not a bucket's
-                    counts = torch.bincount(batch, minlength=num_graphs)
-                    K = int(int(counts.max()) // conv.k_factor)
-                # k_mode="diameter": each bucket computes its graphs' own K (the same values)
-            elif conv is not None:
+            if conv is not None and not isinstance(topology, GraphBuckets):
                 K = conv.num_terms_for(topology)
+            # buckets: each computes its graphs' own K (k_mode="diameter": the same values);
+            # k_mode="max_nodes" takes the whole batch's largest graph (_forward_buckets)
         for layer in self.layers:
             h, e = layer(h, edge_index, e, batch, topology=topology, num_terms=K)
         if self.task_level == "graph":

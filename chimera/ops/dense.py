@@ -90,8 +90,60 @@ def resolvent_reference(A: Tensor) -> Tensor:
 
 def resolvent_exact(A: Tensor) -> Tensor:
     """Dense ``(I - A)^-1`` of a graph with cycles by an LU solve (DAGs never get here: their
-    ``L`` comes from the recurrence, :func:`resolvent_dag_rows`)."""
+    ``L`` comes from the recurrence, :func:`resolvent_dag_rows`). Differentiable in the whole
+    dense ``A``; the mixer's path, whose ``A`` holds only edges, is
+    :func:`resolvent_exact_edges`."""
     return general_inverse_of_i_minus(A)
+
+
+def _edge_positions(topo: Topology, layout: BlockLayout) -> tuple[Tensor, Tensor, Tensor]:
+    """Per edge: its graph block and the block positions of its head (``dst``) and tail
+    (``src``)."""
+
+    def build() -> tuple[Tensor, Tensor, Tensor]:
+        n = layout.n_max
+        dst, src = layout.slot[topo.dst], layout.slot[topo.src]
+        return dst // n, dst % n, src % n
+
+    return topo._cached("dense_edge_positions", build)
+
+
+class _EdgeResolvent(torch.autograd.Function):
+    """``L = (I - A(w))^-1`` straight from the edge weights ``w (b, H, E)``.
+
+    Why a Function: autograd through ``linalg.solve`` forms the dense ``dA = Lᵀ gL Lᵀ`` with a
+    transposed solve (``n`` right-hand sides) and an ``n x n x n`` product, then reads ``E`` of its
+    ``n²`` entries. With ``dL = L dA L`` the gradient of edge ``e = (j -> i)`` is
+    ``(Lᵀ gL Lᵀ)[i, j] = <M[i, :], L[j, :]>`` with ``M = Lᵀ gL``: one ``n³`` product and ``E x n``
+    dot products, no transposed solve and no dense ``dA`` (about 1.8x faster forward + backward
+    on peptide buckets). Parallel edges share the entry of ``A`` and so get the same gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, graph: Tensor, row: Tensor, col: Tensor, num_graphs: int,
+                n: int) -> Tensor:
+        b, h, _ = w.shape
+        flat = (graph * n + row) * n + col
+        A = w.new_zeros(b, h, num_graphs * n * n).index_add_(-1, flat, w)
+        L = general_inverse_of_i_minus(A.view(b, h, num_graphs, n, n).transpose(1, 2))
+        ctx.save_for_backward(L, graph, row, col)
+        return L
+
+    @staticmethod
+    def backward(ctx, gL: Tensor):
+        L, graph, row, col = ctx.saved_tensors
+        M = L.transpose(-1, -2) @ gL  # (b, G, H, n, n)
+        # advanced indices split by a slice: the edge axis comes first -> (E, b, H, n)
+        dw = (M[:, graph, :, row] * L[:, graph, :, col]).sum(-1)
+        return dw.permute(1, 2, 0), None, None, None, None, None
+
+
+def resolvent_exact_edges(edge_weight: Tensor, topo: Topology, layout: BlockLayout) -> Tensor:
+    """``L (b, G, H, n, n) = (I - A)^-1`` with ``A`` built from ``edge_weight (b, H, E)`` as in
+    :func:`dense_adjacency`: the same values as ``resolvent_exact(dense_adjacency(...))``, with
+    the edge-only backward of :class:`_EdgeResolvent`."""
+    graph, row, col = _edge_positions(topo, layout)
+    return _EdgeResolvent.apply(edge_weight, graph, row, col, layout.num_graphs, layout.n_max)
 
 
 def resolvent_dag_rows(edge_weight: Tensor, topo: Topology, layout: BlockLayout) -> Tensor:

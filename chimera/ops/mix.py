@@ -219,11 +219,11 @@ def resolvent(edge_weight: Tensor, topology: Topology, method: Method = "exact",
             return L.unsqueeze(1), layout
     if method == "exact" and is_dag:
         return dense.resolvent_dag_rows(edge_weight, topology, layout), layout
+    if method == "exact":  # edge weights -> L in one Function (edge-only backward)
+        return dense.resolvent_exact_edges(edge_weight, topology, layout), layout
     A = dense.dense_adjacency(edge_weight, topology, layout)
     if method == "reference":
         L = dense.resolvent_reference(A)
-    elif method == "exact":
-        L = dense.resolvent_exact(A)
     elif method == "neumann":
         if num_terms is None:
             K = topology.max_diameter()

@@ -1,0 +1,101 @@
+"""The graph layer's fast paths against the float64 oracle: the edge-only resolvent backward
+(``dense.resolvent_exact_edges``), the ``bmm`` SMA layout, the vectorised sweep plans and the
+one-SMA sum over a DAG pair (``mix_sum``)."""
+
+import pytest
+import torch
+from torch import Tensor
+
+from chimera.ops import dense, mix
+from chimera.topology import Topology, from_edge_index
+from tests.conftest import random_graph, random_inputs
+
+
+def _batch(*graphs: Topology, extra_edges: Tensor | None = None) -> Topology:
+    """Disjoint union of ``graphs`` (different sizes) as one batched topology; ``extra_edges``
+    (global ids) are appended, e.g. parallel copies of existing edges."""
+    ei, batch, off = [], [], 0
+    for k, g in enumerate(graphs):
+        ei.append(g.edge_index + off)
+        batch += [k] * g.num_nodes
+        off += g.num_nodes
+    if extra_edges is not None:
+        ei.append(extra_edges)
+    return from_edge_index(torch.cat(ei, 1), off, batch=torch.tensor(batch))
+
+
+def _cycle_batch(seed: int = 3, parallel: bool = True) -> Topology:
+    g = torch.Generator().manual_seed(seed)
+    graphs = [random_graph(n, p, g) for n, p in ((7, 0.4), (12, 0.25), (4, 0.6))]
+    extra = None
+    if parallel:  # two parallel copies of edges of the first and second graph
+        e0, e1 = graphs[0].edge_index[:, :1], graphs[1].edge_index[:, 2:3] + 7
+        extra = torch.cat([e0, e1, e1], 1)
+    return _batch(*graphs, extra_edges=extra)
+
+
+def _small_weights(topo: Topology, w: torch.Tensor) -> torch.Tensor:
+    """Scale so that every row of ``A`` sums below 1 (as after row normalisation)."""
+    deg = topo.in_degree.clamp(min=1).to(w.dtype)
+    return w / (deg[topo.dst] * 1.5)
+
+
+def _grads(fn, inputs, seed=3):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    cot = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
+    (out * cot).sum().backward()
+    return out.detach(), [t.grad for t in inputs]
+
+
+def test_edge_resolvent_matches_dense_solve_with_parallel_edges():
+    topo = _cycle_batch()
+    assert not topo.is_dag and topo.num_graphs == 3
+    layout = dense.block_layout(topo)
+    w = _small_weights(topo, random_inputs(topo, b=2, h=3)[3])
+    L_ref, (g_ref,) = _grads(
+        lambda w: dense.resolvent_reference(dense.dense_adjacency(w, topo, layout)), [w])
+    L, (g,) = _grads(lambda w: dense.resolvent_exact_edges(w, topo, layout), [w])
+    torch.testing.assert_close(L, L_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
+    # parallel edges share one entry of A, hence one gradient
+    ei = topo.edge_index.T.tolist()
+    dup = [e for e in range(len(ei)) if ei.index(ei[e]) != e]
+    assert dup
+    for e in dup:
+        torch.testing.assert_close(g[..., e], g[..., ei.index(ei[e])])
+
+
+def test_exact_mix_on_a_batch_of_graphs_matches_reference():
+    topo = _cycle_batch(seed=8)
+    V, B, C, w = random_inputs(topo, b=2, h=2)
+    ins = [V, B, C, _small_weights(topo, w)]
+    y_ref, g_ref = _grads(lambda *a: mix(*a, topo, method="reference"), ins)
+    y, g = _grads(lambda *a: mix(*a, topo, method="exact"), ins)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_edge_resolvent_gradcheck():
+    topo = _cycle_batch(seed=4)
+    layout = dense.block_layout(topo)
+    w = _small_weights(topo, random_inputs(topo, b=1, h=2)[3]).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda w: dense.resolvent_exact_edges(w, topo, layout), [w])
+    g = torch.Generator().manual_seed(2)
+    small = random_graph(5, 0.5, g)
+    V, B, C, w = random_inputs(small, b=1, h=2, p=2, n=2)
+    args = [t.requires_grad_(True) for t in (V, B, C, _small_weights(small, w).detach())]
+    assert torch.autograd.gradcheck(lambda *a: mix(*a, small, method="exact"), args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_edge_resolvent_single_graph_dtype(dtype):
+    g = torch.Generator().manual_seed(6)
+    topo = random_graph(10, 0.3, g)
+    layout = dense.block_layout(topo)
+    w = _small_weights(topo, random_inputs(topo, b=1, h=2, dtype=dtype)[3])
+    L = dense.resolvent_exact_edges(w, topo, layout)
+    assert L.dtype == dtype and L.shape == (1, 1, 2, 10, 10)
+    ref = dense.resolvent_reference(dense.dense_adjacency(w, topo, layout))
+    torch.testing.assert_close(L.double(), ref, atol=1e-5, rtol=1e-5)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from chimera.ops import dense, mix
+from chimera.ops import dense, mix, scan
 from chimera.topology import Topology, from_edge_index
-from tests.conftest import random_graph, random_inputs
+from tests.conftest import random_dag, random_graph, random_inputs
 
 
 def _batch(*graphs: Topology, extra_edges: Tensor | None = None) -> Topology:
@@ -128,3 +128,69 @@ def test_sma_apply_matches_dense_per_graph_oracle(batched):
     assert torch.autograd.gradcheck(
         lambda *a: dense.sma_apply(*a, layout),
         [t.detach().clone().requires_grad_(True) for t in small])
+
+
+def _loop_plan(topo: Topology) -> tuple[list, list]:
+    """The per-level construction ``scan.sweep_plan`` replaced (one sort per level): the
+    reference for the vectorised plans."""
+    T, E = topo.num_nodes, topo.num_edges
+
+    def padded(nodes: Tensor, ends: Tensor, other: Tensor) -> tuple[Tensor, Tensor]:
+        pos = torch.full((T,), -1, dtype=torch.long)
+        pos[nodes] = torch.arange(len(nodes))
+        eids = torch.nonzero(pos[ends] >= 0).flatten()
+        row = pos[ends[eids]]
+        order = torch.argsort(row, stable=True)
+        eids, row = eids[order], row[order]
+        counts = torch.bincount(row, minlength=len(nodes))
+        k = int(counts.max()) if len(eids) else 0
+        col = torch.arange(len(eids)) - (counts.cumsum(0) - counts)[row]
+        nbr = torch.full((len(nodes), k), T, dtype=torch.long)
+        edge = torch.full((len(nodes), k), E, dtype=torch.long)
+        nbr[row, col], edge[row, col] = other[eids], eids
+        return nbr, edge
+
+    levels = topo.level_sets()
+    fwd = [(n, *padded(n, topo.dst, topo.src)) for n in levels[1:]]
+    bwd = [(n, *padded(n, topo.src, topo.dst)) for n in levels[:-1]]
+    return fwd, bwd[::-1]
+
+
+def _dag_batch(seed: int = 1) -> Topology:
+    g = torch.Generator().manual_seed(seed)
+    graphs = [random_dag(n, p, g) for n, p in ((9, 0.3), (14, 0.15), (1, 0.0), (6, 0.5))]
+    e = graphs[0].edge_index[:, :2]
+    return _batch(*graphs, extra_edges=torch.cat([e, e[:, :1]], 1))  # parallel edges
+
+
+@pytest.mark.parametrize("case", ["batch", "hub", "edgeless", "bfs_pair"])
+def test_vectorised_sweep_plan_is_the_per_level_plan(case):
+    if case == "batch":
+        dags = [_dag_batch()]
+    elif case == "hub":  # one node with many children widens only its own level
+        n = 30
+        ei = torch.stack([torch.zeros(n - 2, dtype=torch.long), torch.arange(1, n - 1)])
+        dags = [from_edge_index(torch.cat([ei, torch.tensor([[1], [n - 1]])], 1), n)]
+    elif case == "edgeless":
+        dags = [from_edge_index(torch.zeros(2, 0, dtype=torch.long), 5)]
+    else:
+        dags = list(_cycle_batch(seed=5).dags())
+    for dag in dags:
+        assert dag.is_dag
+        new, old = scan.sweep_plan(dag), _loop_plan(dag)
+        for side in (0, 1):
+            assert len(new[side]) == len(old[side])
+            for a, b in zip(new[side], old[side], strict=True):
+                for x, y in zip(a, b, strict=True):
+                    assert torch.equal(x, y), (case, side, x.shape, y.shape)
+
+
+@pytest.mark.parametrize("method", ["exact", "dag_scan"])
+def test_dag_batch_with_parallel_edges_matches_reference(method):
+    topo = _dag_batch(seed=3)
+    ins = random_inputs(topo, b=2, h=2)
+    y_ref, g_ref = _grads(lambda *a: mix(*a, topo, method="reference"), ins)
+    y, g = _grads(lambda *a: mix(*a, topo, method=method), ins)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

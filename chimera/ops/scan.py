@@ -29,23 +29,41 @@ from torch.autograd.function import once_differentiable
 from chimera.topology import Topology
 
 
-def _padded_neighbours(nodes: Tensor, ends: Tensor, other: Tensor, T: int, E: int):
-    """For ``nodes``, their neighbours ``other[e]`` over edges with ``ends[e]`` in ``nodes``,
-    padded to the largest count with the dummy node ``T`` and the dummy edge ``E``."""
-    pos = torch.full((T,), -1, dtype=torch.long, device=nodes.device)
-    pos[nodes] = torch.arange(len(nodes), device=nodes.device)
-    eids = torch.nonzero(pos[ends] >= 0).flatten()
-    row = pos[ends[eids]]
-    order = torch.argsort(row, stable=True)
-    eids, row = eids[order], row[order]
-    counts = torch.bincount(row, minlength=len(nodes))
-    k = int(counts.max()) if len(eids) else 0
-    col = torch.arange(len(eids), device=nodes.device) - (counts.cumsum(0) - counts)[row]
-    nbr = torch.full((len(nodes), k), T, dtype=torch.long, device=nodes.device)
-    edge = torch.full((len(nodes), k), E, dtype=torch.long, device=nodes.device)
-    nbr[row, col] = other[eids]
-    edge[row, col] = eids
-    return nbr, edge
+def _level_tables(ends: Tensor, other: Tensor, rank: Tensor, level_of_rank: Tensor,
+                  counts: list[int], T: int, E: int) -> list[tuple[Tensor, Tensor]]:
+    """Per level: the padded neighbour table ``other[e]`` and edge table ``e`` over the edges
+    with ``ends[e]`` in that level, rows in level order, columns in edge-id order, padded to the
+    level's largest count with the dummy node ``T`` and the dummy edge ``E``.
+
+    Why this shape: built for all levels at once (one sort, one scatter per table) into one flat
+    buffer whose level blocks are exactly ``(level size, level width)``, then viewed per level,
+    instead of a Python loop over levels with a sort each (the loop cost 0.85 s for the DAG pair
+    of a 64-peptide batch, as much as a layer call). Same memory as padding level by level: one
+    high-degree node widens only its own level.
+    """
+    dev = ends.device
+    row_e = rank[ends]  # (E,) row of every edge's end node in level order
+    deg = torch.bincount(row_e, minlength=T)
+    order = torch.argsort(row_e, stable=True)  # by row, then by edge id
+    row = row_e[order]
+    col = torch.arange(len(order), device=dev) - (deg.cumsum(0) - deg)[row]
+    num_levels = len(counts)
+    width = torch.zeros(num_levels, dtype=torch.long, device=dev).scatter_reduce(
+        0, level_of_rank, deg, "amax")
+    size = torch.tensor(counts, device=dev)
+    level_start = size.cumsum(0) - size  # first rank of every level
+    block_start = (size * width).cumsum(0) - size * width
+    lv = level_of_rank
+    row_offset = block_start[lv] + (torch.arange(T, device=dev) - level_start[lv]) * width[lv]
+    total = int((size * width).sum())
+    nbr = torch.full((total,), T, dtype=torch.long, device=dev)
+    edge = torch.full((total,), E, dtype=torch.long, device=dev)
+    flat = row_offset[row] + col
+    nbr[flat], edge[flat] = other[order], order
+    tables = []
+    for a, c, k in zip(block_start.tolist(), counts, width.tolist(), strict=True):
+        tables.append((nbr[a:a + c * k].view(c, k), edge[a:a + c * k].view(c, k)))
+    return tables
 
 
 def sweep_plan(topo: Topology) -> tuple[list, list]:
@@ -55,8 +73,15 @@ def sweep_plan(topo: Topology) -> tuple[list, list]:
     def build():
         T, E = topo.num_nodes, topo.num_edges
         levels = topo.level_sets()
-        fwd = [(n, *_padded_neighbours(n, topo.dst, topo.src, T, E)) for n in levels[1:]]
-        bwd = [(n, *_padded_neighbours(n, topo.src, topo.dst, T, E)) for n in levels[:-1]]
+        order = topo.topological_order  # the level sets, concatenated
+        counts = [len(n) for n in levels]
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(T, device=order.device)
+        level_of_rank = topo.levels[order]
+        parents = _level_tables(topo.dst, topo.src, rank, level_of_rank, counts, T, E)
+        children = _level_tables(topo.src, topo.dst, rank, level_of_rank, counts, T, E)
+        fwd = [(n, *t) for n, t in zip(levels[1:], parents[1:], strict=True)]
+        bwd = [(n, *t) for n, t in zip(levels[:-1], children[:-1], strict=True)]
         return fwd, bwd[::-1]
 
     return topo._cached("sweep_plan", build)

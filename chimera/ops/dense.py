@@ -74,7 +74,7 @@ def from_blocks(x: Tensor, layout: BlockLayout) -> Tensor:
     return x.reshape(b, layout.num_graphs * layout.n_max, *x.shape[3:])[:, layout.slot]
 
 
-def _to_head_blocks(x: Tensor, layout: BlockLayout) -> Tensor:
+def to_head_blocks(x: Tensor, layout: BlockLayout) -> Tensor:
     """``(batch, T, H, F)`` node tensor -> contiguous ``(batch, G, H, n, F)`` zero-padded blocks
     (heads before nodes, as in ``L``), by one scatter."""
     b, _, h, f = x.shape
@@ -87,8 +87,8 @@ def _to_head_blocks(x: Tensor, layout: BlockLayout) -> Tensor:
     return out
 
 
-def _from_head_blocks(x: Tensor, layout: BlockLayout) -> Tensor:
-    """Inverse of :func:`_to_head_blocks`: ``(batch, G, H, n, F)`` -> ``(batch, T, H, F)``."""
+def from_head_blocks(x: Tensor, layout: BlockLayout) -> Tensor:
+    """Inverse of :func:`to_head_blocks`: ``(batch, G, H, n, F)`` -> ``(batch, T, H, F)``."""
     if layout.identity:
         return x.squeeze(1).transpose(1, 2)
     n = layout.n_max
@@ -104,9 +104,9 @@ def sma_apply(L: Tensor, V: Tensor, B: Tensor, C: Tensor, layout: BlockLayout) -
     the node axis, so every call and its backward permuted them into copies (a bucket of 4 graphs
     of 200 atoms: 65 -> 37 ms forward + backward).
     """
-    Vd, Bd, Cd = (_to_head_blocks(t, layout) for t in (V, B, C))
+    Vd, Bd, Cd = (to_head_blocks(t, layout) for t in (V, B, C))
     scores = Cd @ Bd.transpose(-1, -2)  # (b, G, H, n, n)
-    return _from_head_blocks((L * scores) @ Vd, layout)
+    return from_head_blocks((L * scores) @ Vd, layout)
 
 
 def resolvent_reference(A: Tensor) -> Tensor:

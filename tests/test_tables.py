@@ -163,3 +163,23 @@ def test_rows_by_where_report_missing_and_unstarted_runs(tmp_path):
     assert "| N | 0.126M | 1/4 |" in md and "| Z | – | 0/? |" in md
     assert "- missing: `e-a/seed1`" in md and "- missing: `n-b/seed0`" in md
     assert "- missing: every run of row `Z` (none matches model=z)" in md
+
+
+def test_where_member_of_a_stage_with_its_own_seeds_is_not_missing(tmp_path):
+    """Table 1's shape: a row selects its pretraining run (a stage run at seed 0) and its GLUE
+    runs (seeds 19, 8364): the pretraining run is expected at its own seed, not at the table's."""
+    spec = {"title": "t", "split": "val", "seeds": {"tiny": [19, 8364]},
+            "columns": [{"metric": "acc1", "label": "P", "where": {"stage": "pretrain"}},
+                        {"metric": "acc1", "label": "G", "where": {"stage": "glue"}}],
+            "rows": [{"label": "M", "where": {"model": "m"}}]}
+    runs = tmp_path / "runs"
+    write_run(runs, "m", 0, 0.2, test=False, meta={"model": "m", "stage": "pretrain"})
+    write_run(runs, "m_sst2", 19, 0.6, test=False, meta={"model": "m", "stage": "glue"})
+    from tasks.core.tables import _split, aggregate
+
+    result = collect_runs(spec, runs, [19, 8364])
+    status = {(r.member, str(r.seed)): r.status for r in result}
+    assert status == {("m", "0"): "done", ("m_sst2", "19"): "done",
+                      ("m_sst2", "8364"): "missing"}
+    row = aggregate(spec, result, _split(spec, result))[0]
+    assert (row["runs"], row["expected"], row["missing"]) == (2, 3, "m_sst2/seed8364")

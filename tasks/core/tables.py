@@ -163,11 +163,17 @@ def collect_runs(spec: dict[str, Any], runs_dir: Path, seeds: list[Any]) -> list
             found[(f.parent.parent.name, f.parent.name[4:])] = (f.parent, d)
     wheres = [r["where"] for r in spec["rows"] if r.get("member") is None and r.get("where")]
     metas = _member_metas(runs_dir, found) if wheres else {}
+    own_seeds: dict[str, list[str]] = {}  # where-selected members run at none of the seeds
     for m, meta in sorted(metas.items()):
         probe = Run(m, None, "missing", runs_dir / m, {"meta": meta})
         if m not in members and any(_matches(probe, w) for w in wheres):
             members.append(m)
-    expected = {(m, s) for m in members for s in seeds}
+            have = sorted(d.name[4:] for d in (runs_dir / m).glob("seed*") if d.is_dir())
+            if not set(have) & {str(x) for x in seeds}:
+                # a stage with seeds of its own (e.g. Table 1's pretraining at seed 0 under
+                # GLUE seeds 19, 8364): expect the seeds it was run with, not the table's
+                own_seeds[m] = have
+    expected = {(m, s) for m in members for s in own_seeds.get(m, seeds)}
     runs = []
     for m, s in sorted(expected, key=lambda x: (members.index(x[0]), str(x[1]))):
         d = runs_dir / m / f"seed{s}"

@@ -263,3 +263,25 @@ def test_mix_sum_dag_pair_gradcheck_and_half_precision():
     y16 = fast(*[t.detach().bfloat16() for t in ins])
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32, atol=0.1, rtol=0.1)
+
+
+def test_exact_resolvent_leaves_no_subnormals_on_long_chains():
+    """Entries decaying like ``w^distance`` along a long chain (here 0.4^299) are flushed below
+    ``sqrt(tiny)``: no subnormal operands reach the products (they are many times slower on
+    CPU), and nothing changes beyond float32 rounding."""
+    n = 300
+    i = torch.arange(n - 1)
+    topo = from_edge_index(torch.cat([torch.stack([i, i + 1]), torch.stack([i + 1, i])], 1), n)
+    layout = dense.block_layout(topo)
+    w = torch.full((1, 2, topo.num_edges), 0.4, requires_grad=True)
+    L = dense.resolvent_exact_edges(w, topo, layout)
+    tiny = torch.finfo(torch.float32).tiny
+    assert not bool(((L != 0) & (L.abs() < tiny)).any())
+    gL = torch.randn(L.shape, generator=torch.Generator().manual_seed(0))
+    (g,) = torch.autograd.grad(L, w, gL)
+    w64 = w.detach().double().requires_grad_(True)
+    L64 = dense.resolvent_reference(dense.dense_adjacency(w64, topo, layout))
+    assert bool(((L64 != 0) & (L64.abs() < 1e-38)).any())  # the float64 entries do get there
+    (g64,) = torch.autograd.grad(L64, w64, gL.double())
+    torch.testing.assert_close(L.double(), L64, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(g.double(), g64, atol=1e-4, rtol=1e-4)

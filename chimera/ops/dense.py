@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from chimera.ops.linalg import (
+    flush_tiny_,
     general_inverse_of_i_minus,
     neumann_sum,
     neumann_sum_per_block,
@@ -152,13 +153,14 @@ class _EdgeResolvent(torch.autograd.Function):
         flat = (graph * n + row) * n + col
         A = w.new_zeros(b, h, num_graphs * n * n).index_add_(-1, flat, w)
         L = general_inverse_of_i_minus(A.view(b, h, num_graphs, n, n).transpose(1, 2))
+        flush_tiny_(L)  # subnormal entries would slow every product with L (see flush_tiny_)
         ctx.save_for_backward(L, graph, row, col)
         return L
 
     @staticmethod
     def backward(ctx, gL: Tensor):
         L, graph, row, col = ctx.saved_tensors
-        M = L.transpose(-1, -2) @ gL  # (b, G, H, n, n)
+        M = flush_tiny_(L.transpose(-1, -2) @ gL)  # (b, G, H, n, n)
         # advanced indices split by a slice: the edge axis comes first -> (E, b, H, n)
         dw = (M[:, graph, :, row] * L[:, graph, :, col]).sum(-1)
         return dw.permute(1, 2, 0), None, None, None, None, None

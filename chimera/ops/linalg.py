@@ -40,6 +40,22 @@ def general_inverse_of_i_minus(A: Tensor) -> Tensor:
         return torch.linalg.solve(eye - A, eye.expand_as(A))
 
 
+def flush_tiny_(x: Tensor) -> Tensor:
+    """Zero, in place, the entries of ``x`` below ``sqrt(finfo.tiny)`` in magnitude (1e-19 in
+    float32, 1e-154 in float64) and return ``x``.
+
+    Why: a resolvent's entries decay like ``gamma^distance``; along the long chains of peptides
+    they reach the subnormal range, and CPU matrix products with subnormal operands are many
+    times slower (the LU-based exact layer on 64 peptides: 3.0 s -> 1.3 s forward + backward with
+    them flushed). Entries that small are far below the precision of the ``O(1)`` diagonal, so
+    zeroing them changes no result beyond rounding, and products of what is left with ``O(1)``
+    factors stay normal.
+    """
+    if x.is_floating_point():
+        x.masked_fill_(x.abs() < torch.finfo(x.dtype).tiny ** 0.5, 0.0)
+    return x
+
+
 def neumann_sum(A: Tensor, K: int) -> Tensor:
     """``sum_{k=0}^{K} A^k`` with O(log K) matrix products.
 

@@ -285,3 +285,25 @@ def test_exact_resolvent_leaves_no_subnormals_on_long_chains():
     (g64,) = torch.autograd.grad(L64, w64, gL.double())
     torch.testing.assert_close(L.double(), L64, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(g.double(), g64, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("per_graph", [False, True])
+def test_neumann_powers_leave_no_subnormals(per_graph):
+    """The finite sum's powers of ``A`` along a long chain are flushed like the exact ``L``."""
+    from chimera.ops.linalg import neumann_sum, neumann_sum_per_block
+
+    n = 200
+    i = torch.arange(n - 1)
+    A = torch.zeros(1, 1, 2, n, n, dtype=torch.float64)
+    A[..., i + 1, i] = 0.4
+    A[..., i, i + 1] = 0.4
+    A32 = A.float().requires_grad_(True)
+    K = 3 * n
+    S = neumann_sum_per_block(A32, torch.tensor([K]).view(1, 1, 1)) if per_graph else \
+        neumann_sum(A32, K)
+    tiny = torch.finfo(torch.float32).tiny
+    assert not bool(((S != 0) & (S.abs() < tiny)).any())
+    ref = dense.resolvent_reference(A)
+    torch.testing.assert_close(S.double(), ref, atol=1e-5, rtol=1e-4)
+    S.sum().backward()
+    assert bool(torch.isfinite(A32.grad).all())

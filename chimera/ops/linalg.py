@@ -47,9 +47,9 @@ def flush_tiny_(x: Tensor) -> Tensor:
     Why: a resolvent's entries decay like ``gamma^distance``; along the long chains of peptides
     they reach the subnormal range, and CPU matrix products with subnormal operands are many
     times slower (the LU-based exact layer on 64 peptides: 3.0 s -> 1.3 s forward + backward with
-    them flushed). Entries that small are far below the precision of the ``O(1)`` diagonal, so
-    zeroing them changes no result beyond rounding, and products of what is left with ``O(1)``
-    factors stay normal.
+    them flushed; the finite sum's powers of ``A`` likewise). Entries that small are far below
+    the precision of the ``O(1)`` diagonal, so zeroing them changes no result beyond rounding,
+    and products of what is left with ``O(1)`` factors stay normal.
     """
     if x.is_floating_point():
         x.masked_fill_(x.abs() < torch.finfo(x.dtype).tiny ** 0.5, 0.0)
@@ -71,11 +71,11 @@ def neumann_sum(A: Tensor, K: int) -> Tensor:
     S = eye.expand_as(A)
     P = A
     for bit in bin(m)[3:]:  # skip '0b1': S_1 = I, P_1 = A
-        S = S + S @ P
-        P = P @ P
+        S = flush_tiny_(S + S @ P)  # powers of A decay into subnormals (see flush_tiny_)
+        P = flush_tiny_(P @ P)
         if bit == "1":
-            S = eye + A @ S
-            P = A @ P
+            S = flush_tiny_(eye + A @ S)
+            P = flush_tiny_(A @ P)
     return S
 
 
@@ -100,10 +100,11 @@ def neumann_sum_per_block(A: Tensor, K: Tensor) -> Tensor:
     T, Q = eye.expand_as(A), A
     for j in range(int(m.max()).bit_length() if m.numel() else 0):
         bit = ((m >> j) & 1).bool()
-        S = torch.where(bit, S + P @ T, S)
-        P = torch.where(bit, P @ Q, P)
-        T = T + T @ Q
-        Q = Q @ Q
+        # powers of A decay into subnormals, which slow the products (see flush_tiny_)
+        S = flush_tiny_(torch.where(bit, S + P @ T, S))
+        P = flush_tiny_(torch.where(bit, P @ Q, P))
+        T = flush_tiny_(T + T @ Q)
+        Q = flush_tiny_(Q @ Q)
     return S
 
 

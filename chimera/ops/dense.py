@@ -58,23 +58,6 @@ def dense_adjacency(edge_weight: Tensor, topo: Topology, layout: BlockLayout) ->
     return A.view(b, h, G, n, n).transpose(1, 2)
 
 
-def to_blocks(x: Tensor, layout: BlockLayout) -> Tensor:
-    """``(batch, T, ...)`` node tensor -> ``(batch, G, n, ...)`` zero-padded blocks."""
-    b = x.shape[0]
-    if layout.identity:
-        return x.unsqueeze(1)
-    out = x.new_zeros(b, layout.num_graphs * layout.n_max, *x.shape[2:])
-    out = out.index_copy(1, layout.slot, x)
-    return out.view(b, layout.num_graphs, layout.n_max, *x.shape[2:])
-
-
-def from_blocks(x: Tensor, layout: BlockLayout) -> Tensor:
-    b = x.shape[0]
-    if layout.identity:
-        return x.squeeze(1)
-    return x.reshape(b, layout.num_graphs * layout.n_max, *x.shape[3:])[:, layout.slot]
-
-
 def to_head_blocks(x: Tensor, layout: BlockLayout) -> Tensor:
     """``(batch, T, H, F)`` node tensor -> contiguous ``(batch, G, H, n, F)`` zero-padded blocks
     (heads before nodes, as in ``L``), by one scatter."""

@@ -170,44 +170,24 @@ def mix_sum(
                          f"{tuple(B.shape)} and {tuple(C.shape)}")
     if max(groups) >= B.shape[2] or min(groups) < 0:
         raise ValueError(f"groups {groups} do not index the {B.shape[2]} B/C groups")
-    if all(m == "exact" for m in methods) and lines_applicable(dags):
-        # lines on the same tokens (the text encoders): one SMA over the summed masks
+    if all(m == "exact" for m in methods):
         dags = [d.to(V.device) for d in dags]
-        for k, dag in enumerate(dags):
-            _check_inputs(V, B[:, :, :1].expand(b, T, h, -1), C[:, :, :1].expand(b, T, h, -1),
-                          edge_weights[k], dag)
-        out_dtype = V.dtype
-        work = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
-        Y = mix_lines(V.to(work), B.to(work), C.to(work), [w.to(work) for w in edge_weights],
-                      dags, groups, [None if s is None else s.to(work) for s in scales])
-        if Y is not None:
-            return Y.to(out_dtype)
-    if all(m == "exact" for m in methods) and grid_corners_applicable(
-            [d.to(V.device) for d in dags]):
-        dags = [d.to(V.device) for d in dags]
-        for k, dag in enumerate(dags):
-            _check_inputs(V, B[:, :, :1].expand(b, T, h, -1), C[:, :, :1].expand(b, T, h, -1),
-                          edge_weights[k], dag)
-        out_dtype = V.dtype
-        work = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
-        Y = mix_grid_corners(
-            V.to(work), B.to(work).unsqueeze(3), C.to(work).unsqueeze(3),
-            [w.to(work) for w in edge_weights],
-            [None if s is None else s.to(work) for s in scales], dags, groups)
-        return Y.to(out_dtype)
-    if all(m == "exact" for m in methods) and _dag_rows_applicable(
-            dags := [d.to(V.device) for d in dags]):
-        # general DAGs on the same nodes (the BFS-DAG pair of a graph): their row masks summed
-        # per B/C group, one SMA per group instead of one per DAG
-        for k, dag in enumerate(dags):
-            _check_inputs(V, B[:, :, :1].expand(b, T, h, -1), C[:, :, :1].expand(b, T, h, -1),
-                          edge_weights[k], dag)
-        out_dtype = V.dtype
-        work = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
-        Y = _mix_dag_rows_sum(V.to(work), B.to(work), C.to(work),
-                              [w.to(work) for w in edge_weights], dags, groups,
-                              [None if s is None else s.to(work) for s in scales])
-        return Y.to(out_dtype)
+        # merged-mask paths, one SMA (per B/C group) over the summed masks of several DAGs:
+        # lines on the same tokens (the text encoders), the corners of one grid (vision), DAGs
+        # on the same nodes taking the dense-rows path (the BFS-DAG pair of a graph)
+        merged = (mix_lines if lines_applicable(dags)
+                  else _mix_grid_corners_sum if grid_corners_applicable(dags)
+                  else _mix_dag_rows_sum if _dag_rows_applicable(dags) else None)
+        if merged is not None:
+            for k, dag in enumerate(dags):
+                _check_inputs(V, B[:, :, :1].expand(b, T, h, -1),
+                              C[:, :, :1].expand(b, T, h, -1), edge_weights[k], dag)
+            out_dtype = V.dtype
+            work = torch.float32 if out_dtype in (torch.float16, torch.bfloat16) else out_dtype
+            Y = merged(V.to(work), B.to(work), C.to(work), [w.to(work) for w in edge_weights],
+                       dags, groups, [None if s is None else s.to(work) for s in scales])
+            if Y is not None:  # None: outside a closed form's range (lines), fall back
+                return Y.to(out_dtype)
     Y = None
     for dag, w, g, s, m in zip(dags, edge_weights, groups, scales, methods, strict=True):
         Bg = B[:, :, g, None, :].expand(b, T, h, B.shape[-1])
@@ -216,6 +196,14 @@ def mix_sum(
         y = mix(Vk, Bg, Cg, w, dag, method=m, num_terms=num_terms, chunk_size=chunk_size)
         Y = y if Y is None else Y + y
     return Y
+
+
+def _mix_grid_corners_sum(V: Tensor, B: Tensor, C: Tensor, edge_weights: Sequence[Tensor],
+                          dags: Sequence[Topology], groups: Sequence[int],
+                          input_scales: Sequence[Tensor | None]) -> Tensor:
+    """:func:`chimera.ops.grid.mix_grid_corners` with ``B, C (b, T, G, N)`` shared by heads."""
+    return mix_grid_corners(V, B.unsqueeze(3), C.unsqueeze(3), list(edge_weights),
+                            list(input_scales), dags, groups)
 
 
 def _dag_rows_applicable(dags: Sequence[Topology]) -> bool:

@@ -404,19 +404,8 @@ def _transfer(classifier: nn.Module, source: str | os.PathLike | Mapping[str, Te
             dropped.append(k)
         else:
             unexpected.append(k)
-    new = sorted(k for k in target if k not in mapped and k.startswith(dst_new))
-    missing = sorted(k for k in target if k not in mapped and k not in new)
-    unexpected += [k for k in mapped if k not in target]
-    bad_shape = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-                 for k, v in mapped.items() if k in target and v.shape != target[k].shape]
-    if missing or unexpected or bad_shape:
-        raise ValueError(
-            f"the {what} does not match the classifier (nothing was loaded):"
-            + (f"\n  missing from the checkpoint: {missing}" if missing else "")
-            + (f"\n  unexpected in the checkpoint: {sorted(unexpected)}" if unexpected else "")
-            + (f"\n  shape mismatch: {bad_shape}" if bad_shape else "")
-            + f"\n  (keys allowed to be new: {list(new_keys)}; to be dropped: "
-              f"{list(dropped_keys)})")
+    new = check_strict_transfer(mapped, target, dst_new, what=what, model="classifier",
+                                allowed=(new_keys, dropped_keys), unexpected=unexpected)
     result = classifier.load_state_dict(mapped, strict=False)
     if sorted(result.missing_keys) != new or result.unexpected_keys:  # guarded above
         raise RuntimeError(f"unexpected load result {result}")
@@ -426,6 +415,34 @@ def _transfer(classifier: nn.Module, source: str | os.PathLike | Mapping[str, Te
         if name and name + "." in dst_new:
             module.apply(init)
     return {"new": new, "dropped": sorted(dropped)}
+
+
+def check_strict_transfer(
+    mapped: Mapping[str, Tensor], target: Mapping[str, Tensor], new_prefixes: tuple[str, ...],
+    *, what: str, model: str, allowed: tuple[tuple[str, ...], tuple[str, ...]],
+    unexpected: list[str] | tuple[str, ...] = (), error: type[Exception] = ValueError,
+) -> list[str]:
+    """The check behind every strict checkpoint -> classifier transfer (Chimera here, BERT in
+    ``tasks.text.models``): ``mapped`` (the checkpoint's tensors under the model's key names)
+    must cover every key of ``target`` except those starting with ``new_prefixes``, hold no
+    other key and match every shape; otherwise ``error`` lists all the mismatches at once,
+    before anything is loaded. ``allowed`` = (prefixes allowed to be new, prefixes dropped
+    from the checkpoint), for the message; ``unexpected``: checkpoint keys the caller could
+    not map. Returns the keys left new (sorted)."""
+    new = sorted(k for k in target if k not in mapped and k.startswith(new_prefixes))
+    missing = sorted(k for k in target if k not in mapped and k not in new)
+    unexpected = sorted([*unexpected, *(k for k in mapped if k not in target)])
+    bad_shape = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+                 for k, v in mapped.items() if k in target and v.shape != target[k].shape]
+    if missing or unexpected or bad_shape:
+        raise error(
+            f"the {what} does not match the {model} (nothing was loaded):"
+            + (f"\n  missing from the checkpoint: {missing}" if missing else "")
+            + (f"\n  unexpected in the checkpoint: {unexpected}" if unexpected else "")
+            + (f"\n  shape mismatch: {bad_shape}" if bad_shape else "")
+            + f"\n  (keys allowed to be new: {list(allowed[0])}; to be dropped: "
+              f"{list(allowed[1])})")
+    return new
 
 
 def _head_root(root: str) -> str:
@@ -446,6 +463,7 @@ __all__ = [
     "ChimeraTextForSequenceClassification",
     "ChimeraTextModel",
     "ChimeraTextPreTrainedModel",
+    "check_strict_transfer",
     "load_finetuned_into_classifier",
     "load_mlm_into_classifier",
     "read_state_dict",

@@ -38,6 +38,7 @@ from chimera.models.hf import (
     ChimeraTextConfig,
     ChimeraTextForMaskedLM,
     ChimeraTextForSequenceClassification,
+    check_strict_transfer,
     load_finetuned_into_classifier,
     load_mlm_into_classifier,
 )
@@ -173,24 +174,15 @@ def read_checkpoint(path: str | os.PathLike, config_key: str = "model.net.checkp
 def _bert_transfer(model: BertForSequenceClassification, sd: Mapping[str, Tensor],
                    new: tuple[str, ...], dropped: tuple[str, ...], what: str,
                    ) -> dict[str, list[str]]:
-    target = model.state_dict()
     # position_ids is a buffer some transformers versions save and others do not
-    sd = {k: v for k, v in sd.items() if not k.endswith("embeddings.position_ids")}
-    target_keys = [k for k in target if not k.endswith("embeddings.position_ids")]
+    def kept(d: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v for k, v in d.items() if not k.endswith("embeddings.position_ids")}
+
+    sd, target = kept(sd), kept(model.state_dict())
     dropped_keys = sorted(k for k in sd if k.startswith(dropped))
     used = {k: v for k, v in sd.items() if not k.startswith(dropped)}
-    new_keys = sorted(k for k in target_keys if k not in used and k.startswith(new))
-    missing = sorted(k for k in target_keys if k not in used and k not in new_keys)
-    unexpected = sorted(k for k in used if k not in target)
-    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(target[k].shape)}" for k, v in used.items()
-              if k in target and v.shape != target[k].shape]
-    if missing or unexpected or shapes:
-        raise ConfigError(
-            f"the {what} does not match the BERT classifier (nothing was loaded):"
-            + (f"\n  missing from the checkpoint: {missing}" if missing else "")
-            + (f"\n  unexpected in the checkpoint: {unexpected}" if unexpected else "")
-            + (f"\n  shape mismatch: {shapes}" if shapes else "")
-            + f"\n  (allowed to be new: {list(new)}; dropped: {list(dropped)})")
+    new_keys = check_strict_transfer(used, target, new, what=what, model="BERT classifier",
+                                     allowed=(new, dropped), error=ConfigError)
     model.load_state_dict(used, strict=False)
     for name, module in model.named_modules():  # the new heads get BERT's init
         if name and name + "." in new:

@@ -59,3 +59,18 @@ def run_train(args: list[str], timeout: int = 600, env: dict | None = None
             full_env[k] = v
     return subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), *args],
                           capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
+
+
+def run_interpreted(worker: str, cases: Any, timeout: int = 300) -> Any:
+    """Run the Python source ``worker`` (which reads ``json(cases)`` from ``sys.argv[1]`` and
+    prints one ``RESULT<json>`` line) in a subprocess with ``TRITON_INTERPRET=1``: the flag must
+    be set before Triton is imported, so the interpreter tests cannot run in-process."""
+    import json
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", worker, json.dumps(cases)],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"worker failed:\n{proc.stdout}\n{proc.stderr}"
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])

@@ -10,9 +10,6 @@ extra test runs the compiled kernels in-process at a moderate size.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -21,6 +18,7 @@ import torch
 
 from chimera.ops import mix
 from chimera.topology import CycleError, grid, line
+from tests.helpers import run_interpreted
 
 pytestmark = pytest.mark.triton
 
@@ -92,16 +90,7 @@ _WORKER = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def interpreted_results() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", _WORKER, json.dumps(_CASES)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=repo,
-    )
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout}\n{proc.stderr}"
-    line_ = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    return json.loads(line_[len("RESULT"):])
+    return run_interpreted(_WORKER, _CASES)
 
 
 @needs_triton

@@ -11,10 +11,6 @@ non-contiguous inputs and bf16 inputs. With a CUDA device one extra test runs th
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -22,6 +18,7 @@ import torch
 
 from chimera.ops.triton.grid import grid_triton_plan, mix_grid_triton
 from chimera.topology import from_edge_index, grid, line
+from tests.helpers import run_interpreted
 
 pytestmark = pytest.mark.triton
 
@@ -101,16 +98,7 @@ _WORKER = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def interpreted_results() -> dict:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", _WORKER, json.dumps(_CASES)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=repo,
-    )
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout}\n{proc.stderr}"
-    line_ = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))
-    return json.loads(line_[len("RESULT"):])
+    return run_interpreted(_WORKER, _CASES)
 
 
 @needs_triton

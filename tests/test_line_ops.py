@@ -112,6 +112,16 @@ def _grads(fn, tensors):
     return y, torch.autograd.grad((y * probe).sum(), tensors)
 
 
+def _assert_exact_matches_oracle(call, leaves, y_atol=1e-12, y_rtol=1e-10):
+    """``call(method)``: the outputs and the gradients wrt ``leaves`` of ``exact`` equal those
+    of the float64 ``reference``."""
+    got = _grads(lambda: call("exact"), leaves)
+    want = _grads(lambda: call("reference"), leaves)
+    torch.testing.assert_close(got[0], want[0], atol=y_atol, rtol=y_rtol)
+    for a, e in zip(got[1], want[1], strict=True):
+        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-8)
+
+
 @pytest.mark.parametrize("T", [1, 2, 5, 33])
 @pytest.mark.parametrize("groups", [[0, 1], [0, 0], [1, 0]])
 def test_fused_forward_reverse_pair_equals_the_oracle(T, groups):
@@ -127,11 +137,7 @@ def test_fused_forward_reverse_pair_equals_the_oracle(T, groups):
     ss = [torch.rand(b, T, h, generator=g, dtype=torch.float64).add(0.1).requires_grad_()
           for _ in dags]
     leaves = [V, B, C, *ws, *ss]
-    got = _grads(lambda: mix_sum(V, B, C, ws, dags, groups, ss, "exact"), leaves)
-    want = _grads(lambda: mix_sum(V, B, C, ws, dags, groups, ss, "reference"), leaves)
-    torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=1e-10)
-    for a, e in zip(got[1], want[1], strict=True):
-        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-8)
+    _assert_exact_matches_oracle(lambda m: mix_sum(V, B, C, ws, dags, groups, ss, m), leaves)
 
 
 def test_undirected_line_in_mix_sum_equals_the_oracle_with_gradients():
@@ -144,11 +150,7 @@ def test_undirected_line_in_mix_sum_equals_the_oracle_with_gradients():
     w = _two_cycle_weights(topo, b=b, h=h, cut=8).requires_grad_()
     s = torch.rand(b, T, h, generator=g, dtype=torch.float64).add(0.1).requires_grad_()
     leaves = [V, B, C, s]  # w has an exact zero (a cut), where log space has no derivative
-    got = _grads(lambda: mix_sum(V, B, C, [w], [topo], [0], [s], "exact"), leaves)
-    want = _grads(lambda: mix_sum(V, B, C, [w], [topo], [0], [s], "reference"), leaves)
-    torch.testing.assert_close(got[0], want[0], atol=1e-12, rtol=1e-10)
-    for a, e in zip(got[1], want[1], strict=True):
-        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-8)
+    _assert_exact_matches_oracle(lambda m: mix_sum(V, B, C, [w], [topo], [0], [s], m), leaves)
     w2 = _two_cycle_weights(topo, b=b, h=h, seed=5).requires_grad_()
     got = _grads(lambda: mix_sum(V, B, C, [w2], [topo], [0], [s], "exact"), [w2])
     want = _grads(lambda: mix_sum(V, B, C, [w2], [topo], [0], [s], "reference"), [w2])
@@ -196,8 +198,5 @@ def test_long_undirected_lines_run_as_two_scans(monkeypatch):
     w = _two_cycle_weights(topo, b=b, h=h, cut=30)
     s = torch.rand(b, T, h, generator=g, dtype=torch.float64).add(0.1).requires_grad_()
     leaves = [V, B, C, s]
-    got = _grads(lambda: mix_sum(V, B, C, [w], [topo], [0], [s], "exact"), leaves)
-    want = _grads(lambda: mix_sum(V, B, C, [w], [topo], [0], [s], "reference"), leaves)
-    torch.testing.assert_close(got[0], want[0], atol=1e-11, rtol=1e-9)
-    for a, e in zip(got[1], want[1], strict=True):
-        torch.testing.assert_close(a, e, atol=1e-10, rtol=1e-8)
+    _assert_exact_matches_oracle(lambda m: mix_sum(V, B, C, [w], [topo], [0], [s], m), leaves,
+                                 y_atol=1e-11, y_rtol=1e-9)

@@ -16,6 +16,7 @@ from chimera.ops.line import (
     directed_line_resolvent,
     line_kind,
     line_resolvent,
+    lines_applicable,
     undirected_line_resolvent,
 )
 from chimera.ops.mix import mix_sum
@@ -34,6 +35,7 @@ def test_short_undirected_lines_keep_the_solve(monkeypatch):
     w = _two_cycle_weights(topo)
     assert line_resolvent(w, topo) is None
     assert line_resolvent(_two_cycle_weights(line(65)), line(65)) is not None
+    assert not lines_applicable([topo]) and lines_applicable([line(65)])
 
 
 def _dense_L(w, topo):

@@ -78,9 +78,9 @@ def line_kind(topo: Topology) -> int | None:
     return topo._cached("line_kind", build)
 
 
-def _node_log_weights(edge_weight: Tensor, topo: Topology, direction: int) -> Tensor:
-    """Log weight of the edge entering each node along ``direction``: ``(b, h, T)``, with entry
-    0 (forward) or ``T-1`` (reverse) unused."""
+def _node_log_weights(edge_weight: Tensor, topo: Topology) -> Tensor:
+    """Log weight of the edge entering each node of a directed line: ``(b, h, T)``, with entry 0
+    (forward line) or ``T-1`` (reverse line) unused."""
     b, h, _ = edge_weight.shape
     out = edge_weight.new_zeros(b, h, topo.num_nodes)
     return out.index_copy(-1, topo.dst, safe_log(edge_weight))
@@ -93,7 +93,7 @@ def directed_line_resolvent(edge_weight: Tensor, topo: Topology) -> Tensor:
         raise ValueError(f"'{topo.name}' is not a directed line")
     if bool((edge_weight < 0).any()):
         raise ValueError("directed-line masks work in log space and need non-negative weights")
-    log_a = _node_log_weights(edge_weight, topo, direction)
+    log_a = _node_log_weights(edge_weight, topo)
     if direction == 1:
         return decay_mask(log_a)
     # reverse: L[i, j] (i <= j) = product of the weights of edges j -> j-1 -> ... -> i; the edge
@@ -229,11 +229,15 @@ def line_resolvent(edge_weight: Tensor, topo: Topology) -> Tensor | None:
 
 def lines_applicable(dags: Sequence[Topology]) -> bool:
     """Whether :func:`mix_lines` takes these topologies: lines on the same tokens, short enough
-    for ``T x T`` masks (undirected lines at any length: their resolvent is dense anyway)."""
+    for ``T x T`` masks (undirected lines at any length: their resolvent is dense anyway),
+    except undirected lines of at most ``UG_SOLVE_MAX`` tokens, which the LU solve serves."""
     kinds = [line_kind(d) for d in dags]
     T = dags[0].num_nodes
-    return (all(k is not None for k in kinds) and all(d.num_nodes == T for d in dags)
-            and (T <= DENSE_LINE_MAX or all(k == 0 for k in kinds)))
+    if any(k is None for k in kinds) or any(d.num_nodes != T for d in dags):
+        return False
+    if 0 in kinds and T <= UG_SOLVE_MAX:
+        return False
+    return T <= DENSE_LINE_MAX or all(k == 0 for k in kinds)
 
 
 def mix_lines(V: Tensor, B: Tensor, C: Tensor, edge_weights: Sequence[Tensor],
@@ -258,8 +262,6 @@ def mix_lines(V: Tensor, B: Tensor, C: Tensor, edge_weights: Sequence[Tensor],
         Y = _mix_pair(V, scores, edge_weights, dags, groups, input_scales, kinds)
         if Y is not None:
             return Y
-    if kinds == [0] and V.shape[1] <= UG_SOLVE_MAX:
-        return None  # the caller's LU solve
     if positive and kinds == [0]:
         factors = _undirected_factors(edge_weights[0], dags[0])
         if factors is not None and V.shape[1] > DENSE_LINE_MAX:
@@ -301,10 +303,10 @@ def _mix_pair(V: Tensor, scores: Tensor, edge_weights: Sequence[Tensor],
     if bool((w_f < 0).any()) or bool((w_r < 0).any()):
         return None
     # forward: log weight into node t from t-1 (entry 0 unused = 0); L_f[i, j] = e^{cf_i - cf_j}
-    cf = torch.cumsum(_node_log_weights(w_f, dags[f], 1).double(), -1)
+    cf = torch.cumsum(_node_log_weights(w_f, dags[f]).double(), -1)
     # reverse: log weight into node t from t+1 (entry T-1 unused); L_r[i, j] = e^{cr_j - cr_i}
     # for i <= j, with the exclusive prefix sum cr_j = sum_{k<j}
-    lr = _node_log_weights(w_r, dags[r], -1).double()
+    lr = _node_log_weights(w_r, dags[r]).double()
     cr = torch.cumsum(lr, -1) - lr
     lo_col, up_col = cf, cr
     s_f, s_r = input_scales[f], input_scales[r]

@@ -474,13 +474,17 @@ class GLUEDataModule(L.LightningDataModule):
             for split in needed:
                 self.read_split(split)  # downloads into the HF cache once, on rank 0
 
+    @staticmethod
+    def _take(cols: Columns, idx: np.ndarray) -> Columns:
+        return Columns([cols.text_a[i] for i in idx],
+                       [cols.text_b[i] for i in idx] if cols.text_b is not None else None,
+                       [cols.labels[i] for i in idx], cols.skipped)
+
     def _subset(self, cols: Columns, limit: int | None) -> Columns:
         if limit is None or limit >= len(cols):
             return cols
         idx = np.sort(np.random.default_rng(self.data_seed).permutation(len(cols))[:limit])
-        return Columns([cols.text_a[i] for i in idx],
-                       [cols.text_b[i] for i in idx] if cols.text_b is not None else None,
-                       [cols.labels[i] for i in idx], cols.skipped)
+        return self._take(cols, idx)
 
     def encode(self, cols: Columns):
         """Tokenize a split into an in-memory ``datasets.Dataset`` (Arrow: compact for MNLI's
@@ -538,14 +542,7 @@ class GLUEDataModule(L.LightningDataModule):
         held, rest = np.sort(perm[:self.holdout]), perm[self.holdout:]
         if self.max_train_samples is not None:
             rest = rest[:self.max_train_samples]
-        rest = np.sort(rest)
-
-        def take(idx: np.ndarray) -> Columns:
-            return Columns([cols.text_a[i] for i in idx],
-                           [cols.text_b[i] for i in idx] if cols.text_b is not None else None,
-                           [cols.labels[i] for i in idx], cols.skipped)
-
-        return take(rest), take(held)
+        return self._take(cols, np.sort(rest)), self._take(cols, held)
 
     # -- loaders ---------------------------------------------------------------------------
     def _collate(self) -> _GlueCollate:

@@ -226,28 +226,6 @@ def held_out_documents(source: str, data_seed: int = 0, val_docs: float | int | 
     raise ValueError(f"--source must be embedded, files or c4, got {source!r}")
 
 
-def token_stream(docs: Sequence[str], tokenizer: Any) -> list[list[int]]:
-    """Token ids of each document, without special tokens (as the data module packs them)."""
-    ids: list[list[int]] = []
-    for i in range(0, len(docs), 1000):
-        ids.extend(tokenizer(list(docs[i:i + 1000]), add_special_tokens=False,
-                             return_attention_mask=False, return_token_type_ids=False,
-                             verbose=False)["input_ids"])
-    return ids
-
-
-def stream_of(doc_ids: Sequence[Sequence[int]], sep_id: int) -> list[int]:
-    """The documents as one token stream with ``[SEP]`` after each: what
-    ``mlm_data.pack_documents`` cuts into rows (so row ``i`` at length ``L`` holds stream tokens
-    ``i (L-2) ... (i+1) (L-2) - 1`` between its ``[CLS]`` and ``[SEP]``)."""
-    stream: list[int] = []
-    for ids in doc_ids:
-        if len(ids):
-            stream.extend(ids)
-            stream.append(sep_id)
-    return stream
-
-
 def token_budget(stream_len: int, lengths: Sequence[int], requested: int,
                  ) -> tuple[int, int, dict[int, int]]:
     """``(row_tokens, scored, available)``: the row tokens evaluated at every length (the largest
@@ -464,9 +442,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokenizer = load_shared_tokenizer(checkpoints, args.tokenizer, args.vocab_size)
     docs = held_out_documents(source, data_seed, None, args.data_files, args.val_files,
                               args.tokens, tokenizer)
-    doc_ids = token_stream(docs, tokenizer)
+    from tasks.text.mlm_data import document_token_ids, token_stream
+
+    # the stream pack_documents cuts into rows: row i at length L holds stream tokens
+    # i (L-2) ... (i+1) (L-2) - 1 between its [CLS] and [SEP]
+    doc_ids = document_token_ids(docs, tokenizer)
     text_tokens = sum(map(len, doc_ids))
-    stream = stream_of(doc_ids, tokenizer.sep_token_id)
+    stream = token_stream(doc_ids, tokenizer.sep_token_id)
     tokens, scored, available = token_budget(len(stream), lengths, args.tokens)
     ids, labels = mask_stream(stream, tokenizer, args.mlm_probability, args.mask_seed)
     n_scored = int((labels[:scored] != -100).sum())

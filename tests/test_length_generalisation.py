@@ -95,13 +95,13 @@ def test_writes_tables_equal_tokens_and_bert_na(tmp_path):
 
 
 def test_rows_are_the_data_modules_packing(tmp_path):
-    from tasks.text.mlm_data import pack_documents
+    from tasks.text.mlm_data import document_token_ids, pack_documents, token_stream
 
     mod = _script()
     tok = _tokenizer(tmp_path)
     docs = _corpus(tmp_path, docs=20).read_text().splitlines()
-    doc_ids = mod.token_stream(docs, tok)
-    stream = mod.stream_of(doc_ids, tok.sep_token_id)
+    doc_ids = document_token_ids(docs, tok)
+    stream = token_stream(doc_ids, tok.sep_token_id)
     for L in (8, 16):
         packed = pack_documents(doc_ids, L, tok.cls_token_id, tok.sep_token_id)
         ids = torch.tensor(stream)

@@ -94,13 +94,32 @@ def pack_documents(docs_ids: Iterable[Sequence[int]], max_length: int, cls_id: i
     body = max_length - 2
     if body < 1:
         raise ValueError(f"max_length must be at least 3 ([CLS] token [SEP]), got {max_length}")
+    stream = token_stream(docs_ids, sep_id)
+    return [[cls_id, *stream[i:i + body], sep_id]
+            for i in range(0, len(stream) - body + 1, body)]
+
+
+def token_stream(docs_ids: Iterable[Sequence[int]], sep_id: int) -> list[int]:
+    """The documents' tokens as one stream with ``[SEP]`` after each non-empty document: what
+    :func:`pack_documents` cuts into rows."""
     stream: list[int] = []
     for ids in docs_ids:
         if len(ids):
             stream.extend(ids)
             stream.append(sep_id)
-    return [[cls_id, *stream[i:i + body], sep_id]
-            for i in range(0, len(stream) - body + 1, body)]
+    return stream
+
+
+def document_token_ids(docs: Sequence[str], tokenizer: PreTrainedTokenizerBase,
+                       ) -> list[list[int]]:
+    """Token ids of each document without special tokens, tokenised in batches."""
+    ids: list[list[int]] = []
+    for i in range(0, len(docs), _ENCODE_BATCH):
+        # verbose=False: documents longer than model_max_length are expected here
+        ids.extend(tokenizer(list(docs[i:i + _ENCODE_BATCH]), add_special_tokens=False,
+                             return_attention_mask=False, return_token_type_ids=False,
+                             verbose=False)["input_ids"])
+    return ids
 
 
 def encode_documents(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, max_length: int,
@@ -499,11 +518,7 @@ class MLMDataModule(L.LightningDataModule):
                                              self.max_length, "truncate")["input_ids"])
             return rows, sum(len(r) - 2 for r in rows)
         # pack the corpus as one stream: only the very last partial row is dropped
-        ids: list[list[int]] = []
-        for i in range(0, len(docs), _ENCODE_BATCH):
-            ids.extend(self.tokenizer(list(docs[i:i + _ENCODE_BATCH]), add_special_tokens=False,
-                                      return_attention_mask=False, return_token_type_ids=False,
-                                      verbose=False)["input_ids"])
+        ids = document_token_ids(docs, self.tokenizer)
         rows = pack_documents(ids, self.max_length, self.tokenizer.cls_token_id,
                               self.tokenizer.sep_token_id)
         return rows, sum(map(len, ids))
@@ -685,15 +700,11 @@ def corpus_statistics(tokenizer: PreTrainedTokenizerBase, docs: Sequence[str] | 
                       ) -> dict[str, float]:
     """Documents, words and tokens of a corpus (default: the embedded one); for the README."""
     docs = list(load_embedded_corpus() if docs is None else docs)
-    n_tokens = 0
-    for i in range(0, len(docs), _ENCODE_BATCH):
-        n_tokens += sum(map(len, tokenizer(docs[i:i + _ENCODE_BATCH], add_special_tokens=False,
-                                           return_attention_mask=False,
-                                           return_token_type_ids=False,
-                                           verbose=False)["input_ids"]))
+    n_tokens = sum(map(len, document_token_ids(docs, tokenizer)))
     return {"documents": len(docs), "words": sum(len(d.split()) for d in docs),
             "tokens": n_tokens, "tokens_per_document": n_tokens / max(len(docs), 1)}
 
 
-__all__ = ["MLMDataModule", "pack_documents", "encode_documents", "mask_once",
+__all__ = ["MLMDataModule", "pack_documents", "token_stream", "document_token_ids",
+           "encode_documents", "mask_once",
            "split_documents", "resolve_files", "corpus_statistics"]

@@ -63,6 +63,11 @@ class LineConv(nn.Module):
             h = F.conv2d(F.pad(h, (k - 1, 0)), w, self.conv.bias, groups=self.conv.groups)
             if reverse:
                 h = h.flip(-1)
+        elif k % 2:
+            # symmetric taps: the conv's own zero padding (no padded copy forward or backward);
+            # a contiguous (batch, T, C) input is what oneDNN's channels-last kernel reads
+            h = F.conv2d(x.contiguous().transpose(1, 2).unsqueeze(2), w, self.conv.bias,
+                         padding=(0, k // 2), groups=self.conv.groups)
         else:
             h = F.conv2d(F.pad(h, ((k - 1) // 2, k // 2)), w, self.conv.bias,
                          groups=self.conv.groups)

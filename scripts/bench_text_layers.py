@@ -38,6 +38,9 @@ def build(kind: str, width: int, d_state: int, headdim: int) -> nn.Module:
         cfg = BertConfig(hidden_size=width, num_attention_heads=max(1, width // 64),
                          intermediate_size=4 * width, hidden_dropout_prob=0.0,
                          attention_probs_dropout_prob=0.0)
+        # A standalone BertLayer has no attention dispatch (eager); BertForMaskedLM picks sdpa,
+        # so time the layer as the trained model runs it.
+        cfg._attn_implementation = "sdpa"
         return BertLayer(cfg)
     from chimera.block import ChimeraBlock
     from chimera.models.text import variant_mixer_kwargs

@@ -17,6 +17,7 @@ from chimera.ops.line import (
     line_kind,
     line_resolvent,
     lines_applicable,
+    two_sided_sma,
     undirected_line_resolvent,
 )
 from chimera.ops.mix import mix_sum
@@ -202,3 +203,15 @@ def test_long_undirected_lines_run_as_two_scans(monkeypatch):
     leaves = [V, B, C, s]
     _assert_exact_matches_oracle(lambda m: mix_sum(V, B, C, [w], [topo], [0], [s], m), leaves,
                                  y_atol=1e-11, y_rtol=1e-9)
+
+
+def test_two_sided_sma_node_passes_gradcheck():
+    # the fused (L ∘ S) V node: every input's gradient against finite differences, including
+    # the in-place tril of its exponent gradient
+    g = torch.Generator().manual_seed(3)
+    b, h, T, P = 2, 2, 6, 3
+    vecs = [torch.randn(b, h, T, generator=g, dtype=torch.float64).mul_(0.3).requires_grad_()
+            for _ in range(4)]
+    S = torch.randn(b, T, T, generator=g, dtype=torch.float64, requires_grad=True)
+    V = torch.randn(b, T, h, P, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(two_sided_sma, (*vecs, S, V))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from chimera import ChimeraBlock, ChimeraMixer, flat_grid, from_edge_index, grid, line
-from chimera.mixer import sharing_groups
+from chimera.mixer import GatedRMSNorm, sharing_groups
 from tests.conftest import random_graph
 
 D = 32
@@ -140,3 +140,24 @@ def test_bad_inputs_get_clear_errors():
         ChimeraMixer(D, conv="graph", resolvent="general", method="dag_scan", **SMALL)
     with pytest.raises(ValueError, match="multiple of headdim"):
         ChimeraMixer(D, headdim=48)
+
+
+def test_gated_rmsnorm_equals_the_decomposed_norm_in_values_and_gradients():
+    torch.manual_seed(0)
+    norm = GatedRMSNorm(12, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.add_(0.3 * torch.randn(12, dtype=torch.float64))
+    y, z = (torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    probe = torch.randn(3, 5, 12, dtype=torch.float64)
+    leaves = (y, z, norm.weight)
+    got = norm(y, z)
+    ref = torch.nn.functional.rms_norm(y * torch.nn.functional.silu(z), (12,), norm.weight, 1e-5)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    g_got = torch.autograd.grad((got * probe).sum(), leaves)
+    g_ref = torch.autograd.grad((ref * probe).sum(), leaves)
+    for a, b in zip(g_got, g_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b: norm(a, b), (y[:1, :2], z[:1, :2]))
+    # without a gate it is the plain nn.RMSNorm (the same state-dict keys)
+    torch.testing.assert_close(norm(y), torch.nn.functional.rms_norm(y, (12,), norm.weight, 1e-5))
+    assert list(norm.state_dict()) == ["weight"]

@@ -156,10 +156,13 @@ def test_a_mask_of_ones_changes_nothing():
     _assert_same(layer(x, line(10), seq_idx=torch.zeros(2, 10, dtype=torch.long)), y)
 
 
+@pytest.mark.parametrize("kernel", [4, 5])
 @pytest.mark.parametrize("causal, reverse", [(False, False), (True, False), (True, True)])
-def test_segmented_conv_path_equals_conv1d_on_one_run(causal, reverse):
+def test_segmented_conv_path_equals_conv1d_on_one_run(causal, reverse, kernel):
+    # odd centred kernels take the conv's own padding, the others an explicit pad: both must
+    # equal the tap-by-tap reference
     torch.manual_seed(0)
-    conv = LineConv(6, kernel_size=5, causal=causal).double()
+    conv = LineConv(6, kernel_size=kernel, causal=causal).double()
     topo = line(11, directed=causal, reverse=reverse)
     x = torch.randn(2, 11, 6, dtype=torch.float64)
     seg = Segments.build(2, 11, seq_idx=torch.zeros(2, 11, dtype=torch.long))

@@ -217,12 +217,16 @@ class _TwoSidedSMA(torch.autograd.Function):
                 S: Tensor, V: Tensor) -> Tensor:
         L, spare = _two_sided_exponent(lo_row, lo_col, up_row, up_col)
         M = torch.mul(L, S.unsqueeze(1), out=spare)
+        # one head-major copy of V serves the forward and both backward products (a strided V
+        # would be copied by each bmm)
+        V = V.contiguous()
         ctx.save_for_backward(L, M, S, V)
         return M @ V
 
     @staticmethod
     def backward(ctx, dY: Tensor) -> tuple[Tensor, ...]:
         L, M, S, V = ctx.saved_tensors
+        dY = dY.contiguous()
         dV = M.transpose(-1, -2) @ dY
         P = (dY @ V.transpose(-1, -2)).mul_(L)  # dM ∘ L, in dM's buffer
         dS = P.sum(1)

@@ -390,3 +390,96 @@ def mix_grid_dag(V: Tensor, B: Tensor, C: Tensor, edge_weight: Tensor, topo: Top
         out.append((L_r * scores) @ V_upto)
     Y = torch.cat(out, dim=1).view(b, h, T, P).permute(0, 2, 1, 3)
     return Y[:, frame["frame_of_orig"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# one large corner DAG: the state form, row by row (the grid's dag_scan)
+# ---------------------------------------------------------------------------------------------
+def _grid_states(V: Tensor, B: Tensor, R: Tensor, a_up: Tensor):
+    """Yield ``(r, U_r, H_r)`` for the rows of the top-left frame: the row's input
+    ``U_r = B_r ⊗ v_r + a_up[r] ⊙ H_{r-1}`` and states ``H_r = R_r U_r``, each
+    ``(M, W, N * P)``."""
+    M, n_rows, W, P = V.shape
+    prev = None
+    for r in range(n_rows):
+        U = (B[:, r, :, :, None] * V[:, r, :, None, :]).view(M, W, -1)
+        if prev is not None:
+            U = U.addcmul_(a_up[:, r, :, None], prev)
+        prev = R[:, r] @ U
+        yield r, U, prev
+
+
+class _GridStateScan(torch.autograd.Function):
+    """``y = C·H`` with ``H = (I - A)^-1 (B ⊗ v)`` on a grid corner DAG in the top-left frame,
+    row by row, recomputing the states in backward.
+
+    Each row is a directed line fed by the row above, so with the row's 1-D resolvent ``R_r``
+    (``W x W``, :func:`row_resolvents`) the states of row ``r`` are
+    ``H_r = R_r (B_r ⊗ v_r + a_up[r] ⊙ H_{r-1})``: ``H`` sequential steps of one batched
+    ``W x W`` by ``W x N P`` product each, ``O(T W N P)`` work and no ``T x T`` tensor (the
+    row-by-row scheme of DESIGN.md in state form; the generic level-set scan of
+    :mod:`chimera.ops.scan` needs ``H + W - 1`` gather/scatter steps for the same DAG). The
+    adjoint runs the rows in reverse: ``Ḣ_r = C_r ⊗ ẏ_r + a_up[r+1] ⊙ U̇_{r+1}``,
+    ``U̇_r = R_rᵀ Ḣ_r``, ``Ṙ_r = Ḣ_r U_rᵀ``, ``ȧ_up[r] = <U̇_r, H_{r-1}>``.
+
+    ``V (M, H, W, P)``, ``B, C (M, H, W, N)``, ``R (M, H, W, W)``, ``a_up (M, H, W)``.
+    """
+
+    @staticmethod
+    def forward(ctx, V: Tensor, B: Tensor, C: Tensor, R: Tensor, a_up: Tensor) -> Tensor:
+        M, n_rows, W, P = V.shape
+        Y = V.new_empty(M, n_rows, W, P)
+        for r, _, Hr in _grid_states(V, B, R, a_up):
+            Y[:, r] = torch.einsum("mwn,mwnp->mwp", C[:, r], Hr.view(M, W, -1, P))
+        ctx.save_for_backward(V, B, C, R, a_up)
+        return Y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dY: Tensor):
+        V, B, C, R, a_up = ctx.saved_tensors
+        M, n_rows, W, P = V.shape
+        N = B.shape[-1]
+        states = list(_grid_states(V, B, R, a_up))  # O(T N P): what the forward did not keep
+        dV, dB, dC = torch.empty_like(V), torch.empty_like(B), torch.empty_like(C)
+        dR, da = torch.empty_like(R), torch.zeros_like(a_up)
+        carry = None
+        for r in range(n_rows - 1, -1, -1):
+            _, U, Hr = states[r]
+            dy = dY[:, r]
+            Hd = (C[:, r, :, :, None] * dy[:, :, None, :]).view(M, W, N * P)
+            if carry is not None:
+                Hd = Hd.add_(carry)
+            Ud = R[:, r].transpose(-1, -2) @ Hd
+            dR[:, r] = Hd @ U.transpose(-1, -2)
+            dC[:, r] = (Hr.view(M, W, N, P) @ dy[..., None]).squeeze(-1)
+            Ud4 = Ud.view(M, W, N, P)
+            dV[:, r] = (B[:, r, :, None, :] @ Ud4).squeeze(-2)
+            dB[:, r] = (Ud4 @ V[:, r, :, :, None]).squeeze(-1)
+            if r:
+                da[:, r] = torch.linalg.vecdot(Ud, states[r - 1][2], dim=-1)
+                carry = Ud.mul_(a_up[:, r, :, None])
+            states[r] = None  # free the row's states as soon as they are used
+        return dV, dB, dC, dR, da
+
+
+def mix_grid_scan(V: Tensor, B: Tensor, C: Tensor, edge_weight: Tensor, topo: Topology,
+                  frame: dict) -> Tensor:
+    """``Y = (L ∘ C Bᵀ) V`` on one complete grid corner DAG by the row-by-row state recurrence
+    (:class:`_GridStateScan`): linear in the number of nodes in time and memory, the grid's
+    ``dag_scan``. ``V (b, T, h, P)``, ``B, C (b, T, h, N)``, ``edge_weight (b, h, E)``."""
+    b, T, h, P = V.shape
+    H, W = frame["H"], frame["W"]
+    hor, target = frame["horizontal"], frame["target"]
+    zeros = edge_weight.new_zeros(b, h, T)
+    a_left = zeros.index_copy(-1, target[hor], edge_weight[..., hor]).reshape(b * h, H, W)
+    a_up = zeros.index_copy(-1, target[~hor], edge_weight[..., ~hor]).reshape(b * h, H, W)
+    order = frame["orig_of_frame"]
+
+    def rows_first(x: Tensor) -> Tensor:  # (b, T, h, k) in frame order -> (b*h, H, W, k)
+        return x[:, order].permute(0, 2, 1, 3).reshape(b * h, H, W, x.shape[-1])
+
+    R = row_resolvents(a_left, rightward=True)
+    Y = _GridStateScan.apply(rows_first(V), rows_first(B), rows_first(C), R, a_up)
+    Y = Y.view(b, h, T, P).permute(0, 2, 1, 3)
+    return Y[:, frame["frame_of_orig"]]

@@ -11,7 +11,9 @@ exact         any                  lines: closed forms (chimera.ops.line); grid 
                                    recurrence; otherwise an LU solve
 neumann       any                  ``sum_{k<=K} A^k`` by squaring (K = diameter by default)
 dag_dense     DAGs                 ``(I + A)(I + A^2)(I + A^4)...``: exact by nilpotency
-dag_scan      DAGs                 linear-time recurrence over level sets, no ``T x T``
+dag_scan      DAGs                 linear-time recurrence, no ``T x T``: grid corner DAGs
+                                   row by row (one batched product per row), other DAGs
+                                   over level sets
 ssd           directed lines       Mamba-2's chunked SSD
 triton        DAGs                 the level-set recurrence as a Triton kernel
 ============  ===================  =======================================================
@@ -41,6 +43,7 @@ from chimera.ops.grid import (
     grid_frame,
     mix_grid_corners,
     mix_grid_dag,
+    mix_grid_scan,
 )
 from chimera.ops.line import line_kind, line_resolvent, lines_applicable, mix_lines
 from chimera.ops.scan import mix_dag_scan
@@ -110,7 +113,10 @@ def mix(
     elif B.dtype != V.dtype or C.dtype != V.dtype or edge_weight.dtype != V.dtype:
         B, C, edge_weight = (t.to(V.dtype) for t in (B, C, edge_weight))
 
-    if method == "dag_scan":
+    if method == "dag_scan" and (frame := grid_frame(topology)) is not None:
+        # a grid corner: rows are lines fed by the row above, one batched product per row
+        Y = mix_grid_scan(V, B, C, edge_weight, topology, frame)
+    elif method == "dag_scan":
         Y = mix_dag_scan(V, B, C, edge_weight, topology)
     elif method == "ssd":
         Y = mix_ssd(V, B, C, edge_weight, topology, chunk_size=chunk_size)

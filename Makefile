@@ -50,12 +50,13 @@ clean:  ## remove caches and build debris (keeps .venv; `rm -rf .venv` for a fre
 # results/reference/, which only `make promote-<table>` changes.
 PRESET     ?= paper
 SEEDS      ?=
+JOBS       ?= 1
 TRAIN_ARGS ?=
 DATA_ROOT  ?=
 .PHONY: reproduce-% promote-%
 
-reproduce-%: install  ## reproduce a paper table: make reproduce-table2 PRESET=tiny [SEEDS=..]
-	$(PY) scripts/reproduce.py $* --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS)) -- \
+reproduce-%: install  ## reproduce a paper table: make reproduce-table2 PRESET=tiny [SEEDS=..] [JOBS=2]
+	$(PY) scripts/reproduce.py $* --preset $(PRESET) $(if $(SEEDS),--seeds $(SEEDS)) --jobs $(JOBS) -- \
 		$(if $(DATA_ROOT),data.root=$(DATA_ROOT)) $(TRAIN_ARGS)
 
 promote-%:  ## copy results/tables/<table>/<PRESET> to results/reference/ (what the README quotes)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reproduce one paper table: its sweep (resumable), then the table beside the paper's numbers.
 
-    python scripts/reproduce.py table3 --preset tiny [--seeds 0,1,2] [-- extra overrides]
+    python scripts/reproduce.py table3 --preset tiny [--seeds 0,1,2] [--jobs 2] [-- overrides]
 
 Runs go to results/runs/<table>/<preset>/<member>/seed<k>/ and the table to
 results/tables/<table>/<preset>/ (both ignored by git). A table whose spec lists `stages`
@@ -10,14 +10,22 @@ into the same runs folder (tasks.core.tables.stages_of); `--seeds` replaces the 
 stages that do not name their own. Re-running skips finished members and
 resumes unfinished ones from their last checkpoint. The reference tables that the README quotes
 live in results/reference/ and change only through `make promote-<table>` (see the README).
+
+``--jobs N`` (N > 1) runs the members of each stage N at a time, one ``train.py`` process per
+(member, seed) with one torch thread each unless the overrides set ``num_threads``: small models
+on a CPU of N cores finish a table sooner this way than one run at a time on N threads (their
+ops are too small to split well). The run folders and the table are the same as with one job;
+each run's console output goes to ``<runs>/logs/<member>-seed<k>.log``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +57,54 @@ def preflight(experiment: str, preset: str, overrides: list[str]) -> None:
         sys.exit(e.exit_code)
 
 
+def sweep_params(experiment: str, preset: str, overrides: list[str]) -> dict[str, str]:
+    """The experiment's own ``hydra.sweeper.params`` (``key -> "a,b,c"``) as composed."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}", f"preset={preset}",
+                                          *overrides], return_hydra_config=True)
+    params = cfg.hydra.sweeper.get("params") or {}
+    return {str(k): str(v) for k, v in params.items()}
+
+
+def member_commands(experiment: str, preset: str, params: dict[str, str], seeds: list,
+                    runs: Path, extra: list[str]) -> list[tuple[str, list[str]]]:
+    """One ``train.py -m`` command per (sweep combination, seed), each a sweep of one run into
+    the same sweep folder (the run folders depend on the member and seed only, so concurrent
+    sweeps never share one). Returns ``(label, command)`` pairs."""
+    keys = list(params)
+    values = [[v.strip() for v in params[k].split(",") if v.strip()] for k in keys]
+    threads = [] if any(o.split("=", 1)[0] == "num_threads" for o in extra) else ["num_threads=1"]
+    out = []
+    for combo in itertools.product(*values):
+        for seed in seeds:
+            label = "-".join(v.rsplit("/", 1)[-1] for v in combo) + f"-seed{seed}"
+            chosen = [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]
+            cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m",
+                   f"experiment={experiment}", f"preset={preset}", f"seed={seed}",
+                   f"hydra.sweep.dir={runs}", *chosen, *threads, *extra]
+            out.append((label or f"seed{seed}", cmd))
+    return out
+
+
+def run_parallel(commands: list[tuple[str, list[str]]], jobs: int, log_dir: Path) -> int:
+    """Run the commands ``jobs`` at a time; each one's output to ``log_dir/<label>.log``.
+    Returns the number of commands that exited non-zero."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    def one(item: tuple[str, list[str]]) -> int:
+        label, cmd = item
+        t0 = time.time()
+        with open(log_dir / f"{label}.log", "w") as log:
+            rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        print(f"    {label}: exit {rc} after {time.time() - t0:.0f} s", flush=True)
+        return rc
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return sum(rc != 0 for rc in pool.map(one, commands))
+
+
 def main(argv: list[str] | None = None) -> int:
     from tasks.core.tables import find_experiment, load_spec, stages_of, write_table
 
@@ -63,7 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default=None, help="comma-separated, or a count n (0..n-1)")
     ap.add_argument("--runs", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at a time, one torch thread each (default 1: one sweep)")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        print(f"error: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
+        return 2
 
     experiment = find_experiment(args.table)
     family, name = experiment.split("/") if "/" in experiment else ("", experiment)
@@ -95,13 +156,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"==> {name}{label}, preset {args.preset}, seeds {st['seeds']} -> {runs}",
               flush=True)
         t0 = time.time()
-        cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m",
-               f"experiment={st['experiment']}", f"preset={preset}",
-               "seed=" + ",".join(str(s) for s in st["seeds"]), f"hydra.sweep.dir={runs}",
-               *[f"{k}={v}" for k, v in st["params"].items()], *extra]
         # a failed member does not stop later stages: their other members may still run, and
         # the members that needed it fail with a clear error (listed in the table)
-        sweep_rc = subprocess.call(cmd, cwd=ROOT)
+        if args.jobs > 1:
+            params = {**sweep_params(st["experiment"], preset, extra), **st["params"]}
+            commands = member_commands(st["experiment"], preset, params, st["seeds"], runs,
+                                       extra)
+            print(f"    {len(commands)} runs, {args.jobs} at a time, logs in {runs}/logs",
+                  flush=True)
+            sweep_rc = run_parallel(commands, args.jobs, runs / "logs")
+        else:
+            cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "-m",
+                   f"experiment={st['experiment']}", f"preset={preset}",
+                   "seed=" + ",".join(str(s) for s in st["seeds"]), f"hydra.sweep.dir={runs}",
+                   *[f"{k}={v}" for k, v in st["params"].items()], *extra]
+            sweep_rc = subprocess.call(cmd, cwd=ROOT)
         print(f"==> sweep{label} finished in {time.time() - t0:.0f} s (exit {sweep_rc})",
               flush=True)
     print(f"==> all sweeps finished in {time.time() - start:.0f} s", flush=True)

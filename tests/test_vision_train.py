@@ -186,3 +186,26 @@ def test_checkpoint_roundtrip_raw_and_ema(tmp_path):
         assert not torch.equal(model.net(x), ema_net(x))  # EMA lags the raw weights
     assert reloaded.hparams.name == "chimera_vit_s"
     assert reloaded.mix_cfg == OmegaConf.to_container(cfg.model.mixup, resolve=True)
+
+
+def test_reproduce_with_parallel_jobs_fills_the_same_run_folders(tmp_path):
+    """`make reproduce-<table> JOBS=2`: one process per (member, seed), two at a time, one torch
+    thread each, into the folders a single sweep uses, then the table over both members."""
+    import subprocess
+    import sys
+
+    runs, out = tmp_path / "runs", tmp_path / "table"
+    overrides = ["debug=fdr", *_small_data_overrides(tmp_path)]
+    proc = subprocess.run([sys.executable, "scripts/reproduce.py", "table2", "--preset", "tiny",
+                           "--seeds", "0,", "--jobs", "2", "--runs", str(runs), "--out", str(out),
+                           "--", *overrides], capture_output=True, text=True, timeout=600,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for member in ("chimera_vit_b", "vit_b"):
+        run = runs / member / "seed0"
+        assert (run / METRICS_FILE).is_file(), sorted(p.name for p in runs.rglob("*"))[:40]
+        assert "num_threads: 1" in (run / "run_config.yaml").read_text()
+        assert (runs / "logs" / f"{member}-seed0.log").is_file()
+    table = (out / "table.md").read_text()
+    assert "Chimera-ViT-B" in table and "| ViT-B" in table
+    assert "2 runs, 2 at a time" in proc.stdout

@@ -447,15 +447,18 @@ class _GridStateScan(torch.autograd.Function):
         for r in range(n_rows - 1, -1, -1):
             _, U, Hr = states[r]
             dy = dY[:, r]
-            Hd = (C[:, r, :, :, None] * dy[:, :, None, :]).view(M, W, N * P)
-            if carry is not None:
-                Hd = Hd.add_(carry)
+            # Ḣ_r = C_r ⊗ ẏ_r (+ the carry from the row below, accumulated in place)
+            if carry is None:
+                Hd = (C[:, r, :, :, None] * dy[:, :, None, :]).view(M, W, N * P)
+            else:
+                Hd = carry.view(M, W, N, P).addcmul_(C[:, r, :, :, None],
+                                                     dy[:, :, None, :]).view(M, W, N * P)
             Ud = R[:, r].transpose(-1, -2) @ Hd
             dR[:, r] = Hd @ U.transpose(-1, -2)
-            dC[:, r] = (Hr.view(M, W, N, P) @ dy[..., None]).squeeze(-1)
+            dC[:, r] = torch.einsum("mwnp,mwp->mwn", Hr.view(M, W, N, P), dy)
             Ud4 = Ud.view(M, W, N, P)
-            dV[:, r] = (B[:, r, :, None, :] @ Ud4).squeeze(-2)
-            dB[:, r] = (Ud4 @ V[:, r, :, :, None]).squeeze(-1)
+            dV[:, r] = torch.einsum("mwn,mwnp->mwp", B[:, r], Ud4)
+            dB[:, r] = torch.einsum("mwnp,mwp->mwn", Ud4, V[:, r])
             if r:
                 da[:, r] = torch.linalg.vecdot(Ud, states[r - 1][2], dim=-1)
                 carry = Ud.mul_(a_up[:, r, :, None])

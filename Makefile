@@ -50,7 +50,8 @@ clean:  ## remove caches and build debris (keeps .venv; `rm -rf .venv` for a fre
 # results/reference/, which only `make promote-<table>` changes.
 PRESET     ?= paper
 SEEDS      ?=
-JOBS       ?= 1
+# runs at a time (one torch thread each): two for the tiny presets, one otherwise
+JOBS       ?= $(if $(filter tiny,$(PRESET)),2,1)
 TRAIN_ARGS ?=
 DATA_ROOT  ?=
 .PHONY: reproduce-% promote-%

@@ -359,6 +359,25 @@ def _row_sweep(a_left: Tensor, a_up: Tensor):
         yield r, prev
 
 
+def _frame_weights(edge_weight: Tensor, frame: dict) -> tuple[Tensor, Tensor]:
+    """``a_left, a_up (b*h, H, W)``: each node's horizontal and vertical in-edge weight in the
+    top-left frame (0 where it has none), from ``edge_weight (b, h, E)``."""
+    b, h, _ = edge_weight.shape
+    H, W = frame["H"], frame["W"]
+    hor, target = frame["horizontal"], frame["target"]
+    zeros = edge_weight.new_zeros(b, h, H * W)
+    a_left = zeros.index_copy(-1, target[hor], edge_weight[..., hor]).reshape(b * h, H, W)
+    a_up = zeros.index_copy(-1, target[~hor], edge_weight[..., ~hor]).reshape(b * h, H, W)
+    return a_left, a_up
+
+
+def _to_frame(x: Tensor, frame: dict) -> Tensor:
+    """Node tensor ``(b, T, h, k)`` -> ``(b*h, H, W, k)`` in the top-left frame's row order."""
+    b, T, h, k = x.shape
+    x = x[:, frame["orig_of_frame"]].permute(0, 2, 1, 3)
+    return x.reshape(b * h, frame["H"], frame["W"], k)
+
+
 def mix_grid_dag(V: Tensor, B: Tensor, C: Tensor, edge_weight: Tensor, topo: Topology,
                  frame: dict) -> Tensor:
     """``Y = (L ∘ C Bᵀ) V`` on one complete grid corner DAG of any size.
@@ -369,18 +388,12 @@ def mix_grid_dag(V: Tensor, B: Tensor, C: Tensor, edge_weight: Tensor, topo: Top
     permuted into it and back).
     """
     b, T, h, P = V.shape
-    H, W = frame["H"], frame["W"]
-    hor, target = frame["horizontal"], frame["target"]
-    zeros = edge_weight.new_zeros(b, h, T)
-    a_left = zeros.index_copy(-1, target[hor], edge_weight[..., hor]).reshape(b * h, H, W)
-    a_up = zeros.index_copy(-1, target[~hor], edge_weight[..., ~hor]).reshape(b * h, H, W)
-    order = frame["orig_of_frame"]
+    W = frame["W"]
+    a_left, a_up = _frame_weights(edge_weight, frame)
 
     def heads_first(x: Tensor) -> Tensor:  # (b, T, h, k) in frame order -> (b*h, T, k)
-        return x[:, order].permute(0, 2, 1, 3).reshape(b * h, T, x.shape[-1])
+        return _to_frame(x, frame).flatten(1, 2)
 
-    # per-row chunks (split/cat have cheap backwards; prefix slices of one tensor would each
-    # allocate a full-size zero gradient)
     Vs, Bs, Cs = (heads_first(x).split(W, dim=1) for x in (V, B, C))
     out = []
     for r, L_r in _row_sweep(a_left, a_up):
@@ -472,17 +485,8 @@ def mix_grid_scan(V: Tensor, B: Tensor, C: Tensor, edge_weight: Tensor, topo: To
     (:class:`_GridStateScan`): linear in the number of nodes in time and memory, the grid's
     ``dag_scan``. ``V (b, T, h, P)``, ``B, C (b, T, h, N)``, ``edge_weight (b, h, E)``."""
     b, T, h, P = V.shape
-    H, W = frame["H"], frame["W"]
-    hor, target = frame["horizontal"], frame["target"]
-    zeros = edge_weight.new_zeros(b, h, T)
-    a_left = zeros.index_copy(-1, target[hor], edge_weight[..., hor]).reshape(b * h, H, W)
-    a_up = zeros.index_copy(-1, target[~hor], edge_weight[..., ~hor]).reshape(b * h, H, W)
-    order = frame["orig_of_frame"]
-
-    def rows_first(x: Tensor) -> Tensor:  # (b, T, h, k) in frame order -> (b*h, H, W, k)
-        return x[:, order].permute(0, 2, 1, 3).reshape(b * h, H, W, x.shape[-1])
-
+    a_left, a_up = _frame_weights(edge_weight, frame)
     R = row_resolvents(a_left, rightward=True)
-    Y = _GridStateScan.apply(rows_first(V), rows_first(B), rows_first(C), R, a_up)
+    Y = _GridStateScan.apply(*(_to_frame(x, frame) for x in (V, B, C)), R, a_up)
     Y = Y.view(b, h, T, P).permute(0, 2, 1, 3)
     return Y[:, frame["frame_of_orig"]]

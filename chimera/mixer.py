@@ -30,6 +30,7 @@ from chimera.norm import (
     two_cycle_normalize,
 )
 from chimera.ops import mix, mix_sum
+from chimera.ops.linalg import autocast_off
 from chimera.ops.line import DENSE_LINE_MAX
 from chimera.ops.mix import METHODS
 from chimera.topology import Topology
@@ -49,6 +50,7 @@ class _GatedRMSNormFn(torch.autograd.Function):
     a fresh allocation costs about as much as the arithmetic on it."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, y: Tensor, z: Tensor, weight: Tensor, eps: float) -> Tensor:
         gate = F.silu(z)
         u = y * gate
@@ -80,7 +82,12 @@ class GatedRMSNorm(nn.RMSNorm):
             return super().forward(x)
         if self.weight is None or self.eps is None:
             return super().forward(x * F.silu(gate))
-        return _GatedRMSNormFn.apply(x, gate, self.weight, self.eps)
+        # one dtype for the hand-written backward; float32 under mixed precision (a norm's
+        # statistics need it, as autocast runs nn.RMSNorm in float32)
+        dtype = (torch.float32 if torch.is_autocast_enabled(x.device.type)
+                 else torch.promote_types(x.dtype, gate.dtype))
+        return _GatedRMSNormFn.apply(x.to(dtype), gate.to(dtype), self.weight.to(dtype),
+                                     self.eps)
 
 
 def sharing_groups(num_dags: int, sharing: Sharing) -> list[int]:

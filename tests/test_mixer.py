@@ -161,3 +161,25 @@ def test_gated_rmsnorm_equals_the_decomposed_norm_in_values_and_gradients():
     # without a gate it is the plain nn.RMSNorm (the same state-dict keys)
     torch.testing.assert_close(norm(y), torch.nn.functional.rms_norm(y, (12,), norm.weight, 1e-5))
     assert list(norm.state_dict()) == ["weight"]
+
+
+@pytest.mark.parametrize("name", list(TOPOLOGIES))
+@pytest.mark.parametrize("resolvent", ["dag", "general"])
+def test_block_trains_under_bf16_autocast(name, resolvent):
+    """Mixed precision (Lightning's bf16-mixed runs under autocast): the hand-written backward
+    passes of the ops meet tensors of their forward's dtype, and the result stays close to
+    float32."""
+    conv, topo = TOPOLOGIES[name]
+    if resolvent == "general" and conv == "causal_line":
+        pytest.skip("a single directed line is its own DAG")
+    torch.manual_seed(0)
+    block = ChimeraBlock(D, conv=conv, mlp_ratio=2.0, resolvent=resolvent, **SMALL)
+    x = torch.randn(2, topo.num_nodes, D, requires_grad=True)
+    y32 = block(x, topo)
+    g32 = torch.autograd.grad(y32.square().sum(), x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = block(x, topo)
+    g16 = torch.autograd.grad(y16.float().square().sum(), x)[0]
+    assert torch.isfinite(g16).all()
+    assert (y16.float() - y32).abs().max() <= 0.05 * y32.abs().max()
+    assert (g16 - g32).abs().max() <= 0.05 * g32.abs().max()

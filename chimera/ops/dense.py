@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from chimera.ops.linalg import (
+    autocast_off,
     flush_tiny_,
     general_inverse_of_i_minus,
     neumann_sum,
@@ -130,6 +131,7 @@ class _EdgeResolvent(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, w: Tensor, graph: Tensor, row: Tensor, col: Tensor, num_graphs: int,
                 n: int) -> Tensor:
         b, h, _ = w.shape

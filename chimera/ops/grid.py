@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from chimera.ops.linalg import autocast_off
 from chimera.ops.masks import decay_mask, safe_log
 from chimera.topology import GRID_CORNERS, Topology
 
@@ -132,6 +133,7 @@ class _CornerSMAMask(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, R: Tensor, a_v: Tensor, s: Tensor, S: Tensor, downs: tuple[bool, ...],
                 group: tuple[int, ...]) -> Tensor:
         K, M, H, W, _ = R.shape
@@ -439,6 +441,7 @@ class _GridStateScan(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, V: Tensor, B: Tensor, C: Tensor, R: Tensor, a_up: Tensor) -> Tensor:
         M, n_rows, W, P = V.shape
         Y = V.new_empty(M, n_rows, W, P)

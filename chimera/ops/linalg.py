@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,6 +28,29 @@ def single_threaded_cpu(active: bool = True) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def autocast_off(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a custom autograd Function's ``forward`` with autocast disabled, in the dtypes of its
+    inputs.
+
+    Why: under mixed precision (``bf16-mixed`` on a GPU, CPU autocast) the products inside a
+    ``forward`` would be autocast to bf16 while its hand-written ``backward`` runs outside
+    autocast, so the two would meet tensors of different dtypes (a matmul of float32 and bf16
+    fails). The callers already hand these Functions float32 inputs for half-precision data
+    (resolvents need the range), so disabling autocast inside keeps forward and backward in
+    one dtype.
+    """
+
+    @functools.wraps(forward)
+    def wrapped(ctx: Any, *args: Any, **kwargs: Any) -> Any:
+        device = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        if device not in ("cpu", "cuda", "xpu", "mps") or not torch.is_autocast_enabled(device):
+            return forward(ctx, *args, **kwargs)
+        with torch.autocast(device_type=device, enabled=False):
+            return forward(ctx, *args, **kwargs)
+
+    return wrapped
 
 
 def eye_like(A: Tensor) -> Tensor:

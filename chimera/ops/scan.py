@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from chimera.ops.linalg import autocast_off
 from chimera.topology import Topology
 
 
@@ -96,6 +97,7 @@ class _NodeMajorDagSolve(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, X: Tensor, w: Tensor, src: Tensor, dst: Tensor, plan) -> Tensor:
         T = X.shape[0]
         H = torch.cat([X, X.new_zeros(1, *X.shape[1:])])
@@ -154,6 +156,7 @@ class _StateScanMix(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_off
     def forward(ctx, V: Tensor, B: Tensor, C: Tensor, w: Tensor, plan) -> Tensor:
         wpad = torch.cat([w, w.new_zeros(1, w.shape[1])])
         H = _state_sweep(V, B, wpad, plan)

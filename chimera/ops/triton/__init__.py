@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from chimera.ops.linalg import autocast_off
 from chimera.ops.triton.grid import grid_triton_plan, mix_grid_triton
 from chimera.topology import Topology
 
@@ -151,6 +152,7 @@ def triton_next_pow2(x: int) -> int:
 
 class _DagTritonFn(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, V: Tensor, B: Tensor, C: Tensor, w: Tensor, csr: dict, kernels):
         b, T, h, P = V.shape
         N = B.shape[-1]

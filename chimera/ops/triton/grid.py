@@ -68,6 +68,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from chimera.ops.grid import grid_frame
+from chimera.ops.linalg import autocast_off
 from chimera.topology import Topology
 
 GRID_MAX_TILE = 8192
@@ -140,6 +141,7 @@ def _blocks(S: int, N: int, P: int, max_tile: int) -> tuple[int, int, int, int]:
 
 class _GridTritonFn(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, V: Tensor, B: Tensor, C: Tensor, a_s: Tensor, a_o: Tensor, plan: dict,
                 kernels, max_tile: int):
         b, T, h, P = V.shape

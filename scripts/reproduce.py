@@ -74,6 +74,10 @@ def member_commands(experiment: str, preset: str, params: dict[str, str], seeds:
     the same sweep folder (the run folders depend on the member and seed only, so concurrent
     sweeps never share one). Returns ``(label, command)`` pairs."""
     keys = list(params)
+    for k in keys:  # Hydra's extended sweep syntax (range(...), glob(...), [..]) is not split here
+        if any(c in params[k] for c in "()[]{}"):
+            raise ValueError(f"--jobs > 1 splits plain comma-separated sweeps only; "
+                             f"{k}={params[k]!r} needs --jobs 1 (JOBS=1)")
     values = [[v.strip() for v in params[k].split(",") if v.strip()] for k in keys]
     threads = [] if any(o.split("=", 1)[0] == "num_threads" for o in extra) else ["num_threads=1"]
     out = []

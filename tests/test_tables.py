@@ -183,3 +183,26 @@ def test_where_member_of_a_stage_with_its_own_seeds_is_not_missing(tmp_path):
                       ("m_sst2", "8364"): "missing"}
     row = aggregate(spec, result, _split(spec, result))[0]
     assert (row["runs"], row["expected"], row["missing"]) == (2, 3, "m_sst2/seed8364")
+
+
+def test_parallel_member_commands_cover_every_combination_and_seed(tmp_path):
+    """`--jobs N`: one command per (sweep combination, seed), each a one-run sweep into the same
+    folder with one torch thread unless the overrides choose; extended sweep syntax is refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "scripts" / "reproduce.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cmds = mod.member_commands("graph/table4", "graph/tiny",
+                               {"model": "graph/chimera,graph/gcn", "data": "graph/peptides_func"},
+                               [0, 1], tmp_path, ["trainer.max_epochs=1"])
+    assert [c[0] for c in cmds] == ["chimera-peptides_func-seed0", "chimera-peptides_func-seed1",
+                                    "gcn-peptides_func-seed0", "gcn-peptides_func-seed1"]
+    for _label, cmd in cmds:
+        assert "-m" in cmd and f"hydra.sweep.dir={tmp_path}" in cmd and "num_threads=1" in cmd
+        assert "data=graph/peptides_func" in cmd and cmd[-1] == "trainer.max_epochs=1"
+    own = mod.member_commands("vision/table3", "vision/tiny", {"topology": "grid"}, [0], tmp_path,
+                              ["num_threads=2"])
+    assert "num_threads=1" not in own[0][1] and own[0][1][-1] == "num_threads=2"
+    with pytest.raises(ValueError, match="JOBS=1"):
+        mod.member_commands("x", "y", {"seed": "range(0,3)"}, [0], tmp_path, [])

@@ -33,9 +33,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def preflight(experiment: str, preset: str, overrides: list[str]) -> None:
+def preflight(experiment: str, preset: str, overrides: list[str]) -> dict[str, str]:
     """Compose the first member and check its data, so a missing dataset stops everything
-    at once with the data module's message (not once per member)."""
+    at once with the data module's message (not once per member). Returns the experiment's own
+    ``hydra.sweeper.params`` (``key -> "a,b,c"``) as composed, which ``--jobs`` splits."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
@@ -46,6 +47,7 @@ def preflight(experiment: str, preset: str, overrides: list[str]) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"experiment={experiment}", f"preset={preset}",
                                           *overrides], return_hydra_config=True)
+    params = {str(k): str(v) for k, v in (cfg.hydra.sweeper.get("params") or {}).items()}
     with open_dict(cfg):
         cfg.paths.output_dir = str(ROOT / "results" / ".preflight")
     HydraConfig.instance().set_config(cfg)
@@ -55,17 +57,7 @@ def preflight(experiment: str, preset: str, overrides: list[str]) -> None:
     except RunError as e:
         print(f"\nerror: {e}\n", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
-
-
-def sweep_params(experiment: str, preset: str, overrides: list[str]) -> dict[str, str]:
-    """The experiment's own ``hydra.sweeper.params`` (``key -> "a,b,c"``) as composed."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}", f"preset={preset}",
-                                          *overrides], return_hydra_config=True)
-    params = cfg.hydra.sweeper.get("params") or {}
-    return {str(k): str(v) for k, v in params.items()}
+    return params
 
 
 def member_commands(experiment: str, preset: str, params: dict[str, str], seeds: list,
@@ -151,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     runs = Path(args.runs or ROOT / "results" / "runs" / name / args.preset).resolve()
     out = args.out or ROOT / "results" / "tables" / name / args.preset
     stages = stages_of(spec, experiment, args.preset, seeds)
-    for st in stages:  # every stage's data, before anything runs
-        preflight(st["experiment"], preset, extra)
+    # every stage's data, before anything runs (and each stage's own sweep, for --jobs)
+    own_params = [preflight(st["experiment"], preset, extra) for st in stages]
 
     start = time.time()
     for i, st in enumerate(stages):
@@ -163,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         # a failed member does not stop later stages: their other members may still run, and
         # the members that needed it fail with a clear error (listed in the table)
         if args.jobs > 1:
-            params = {**sweep_params(st["experiment"], preset, extra), **st["params"]}
+            params = {**own_params[i], **st["params"]}
             commands = member_commands(st["experiment"], preset, params, st["seeds"], runs,
                                        extra)
             print(f"    {len(commands)} runs, {args.jobs} at a time, logs in {runs}/logs",

@@ -396,6 +396,8 @@ def mix_grid_dag(V: Tensor, B: Tensor, C: Tensor, edge_weight: Tensor, topo: Top
     def heads_first(x: Tensor) -> Tensor:  # (b, T, h, k) in frame order -> (b*h, T, k)
         return _to_frame(x, frame).flatten(1, 2)
 
+    # per-row chunks (split/cat have cheap backwards; prefix slices of one tensor would each
+    # allocate a full-size zero gradient)
     Vs, Bs, Cs = (heads_first(x).split(W, dim=1) for x in (V, B, C))
     out = []
     for r, L_r in _row_sweep(a_left, a_up):

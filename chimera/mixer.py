@@ -15,6 +15,7 @@ real token in either direction.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -308,9 +309,65 @@ class ChimeraMixer(nn.Module):
             raise ValueError(
                 "attention_mask / seq_idx / cu_seqlens are for line topologies (text); for "
                 f"batches of '{self.conv_kind}' topologies use a batched Topology instead")
+        z, V, Bs, Cs, delta, psi, delta_edge = self._project(x, topology, edge_attr, seg)
+        y = self._mix(V, Bs, Cs, delta, psi, delta_edge, topology, seg)
+        return self._output(y, V, z)
+
+    def forward_buckets(
+        self,
+        x: Tensor,
+        topology: Topology,
+        buckets: Sequence[tuple[Tensor, Tensor, Topology]],
+        edge_attr: Tensor | None = None,
+        *,
+        methods: Sequence[str | None] | None = None,
+        num_terms: Sequence[int | Tensor | None] | None = None,
+    ) -> Tensor:
+        """``forward`` on a batch of graphs whose global mixing runs per size bucket.
+
+        ``buckets``: ``(node_ids, edge_ids, sub_topology)`` per bucket, a partition of the nodes
+        and edges of ``topology`` into groups of whole graphs (``sub_topology`` = those graphs
+        relabelled, edges in the order of ``edge_ids``). Everything per node or per edge (the
+        projections, the local convolution, selectivity, output gate and projection) runs once on
+        the whole batch; the normalisation and ``mix`` run per bucket, so a dense resolvent is
+        padded to the largest graph of its bucket, not of the batch. ``methods`` / ``num_terms``
+        override the mixing algorithm and ``K`` per bucket. Same values as :meth:`forward`.
+        """
+        topology = topology.to(x.device)
+        if edge_attr is None:
+            edge_attr = topology.edge_attr if self.edge_proj is not None else None
+        self._check(x, topology, edge_attr)
+        z, V, Bs, Cs, delta, psi, delta_edge = self._project(x, topology, edge_attr, None)
+        nodes = [nb[0] for nb in buckets]
+        node_perm = torch.cat(nodes)
+        if node_perm.numel() != x.shape[1]:
+            raise ValueError(f"the buckets hold {node_perm.numel()} nodes, x has {x.shape[1]}")
+        sizes = [int(n.numel()) for n in nodes]
+        # one gather per tensor into bucket order, then views per bucket (not one gather each)
+        per_bucket = [t.index_select(1, node_perm).split(sizes, dim=1)
+                      for t in (V, Bs, Cs, delta, psi)]
+        if delta_edge is not None:
+            edges = [nb[1] for nb in buckets]
+            de = delta_edge.index_select(0, torch.cat(edges)).split(
+                [int(e.numel()) for e in edges], dim=0)
+        ys = []
+        for k, (_, _, sub) in enumerate(buckets):
+            Vk, Bk, Ck, dk, pk = (t[k] for t in per_bucket)
+            ys.append(self._mix(Vk, Bk, Ck, dk, pk, None if delta_edge is None else de[k],
+                                sub.to(x.device), None,
+                                method=None if methods is None else methods[k],
+                                num_terms=None if num_terms is None else num_terms[k]))
+        inverse = torch.empty_like(node_perm)
+        inverse[node_perm] = torch.arange(node_perm.numel(), device=node_perm.device)
+        y = torch.cat(ys, dim=1).index_select(1, inverse)
+        return self._output(y, V, z)
+
+    # ------------------------------------------------------------------ the forward's stages
+    def _project(self, x: Tensor, topology: Topology, edge_attr: Tensor | None,
+                 seg: Segments | None) -> tuple[Tensor, ...]:
+        """in_proj -> local conv + SiLU -> ``(z, V, B, C, delta, psi, delta_edge)``."""
         b, T, _ = x.shape
         h, P, N, ng = self.nheads, self.headdim, self.d_state, self.num_groups
-
         proj = self.in_proj(x)
         z, xbc, dt, psi = torch.split(
             proj, [self.d_inner, self.conv_dim, ng * h, self.n_psi], dim=-1)
@@ -326,7 +383,15 @@ class ChimeraMixer(nn.Module):
         if self.edge_proj is not None:
             delta_edge = F.softplus(self.edge_proj(edge_attr.to(x.dtype)))  # (E, groups*h)
             delta_edge = delta_edge.reshape(-1, ng, h)
+        return z, V, Bs, Cs, delta, psi, delta_edge
 
+    def _mix(self, V: Tensor, Bs: Tensor, Cs: Tensor, delta: Tensor, psi: Tensor,
+             delta_edge: Tensor | None, topology: Topology, seg: Segments | None, *,
+             method: str | None = None, num_terms: int | Tensor | None = None) -> Tensor:
+        """Edge weights -> normalisation -> ``mix`` over every DAG (or the whole graph), summed:
+        ``(b, T, H, P)``. ``method`` / ``num_terms`` override the mixer's own for this call."""
+        b, T, h, _ = V.shape
+        N = self.d_state
         dags = self._dags(topology)
         if len(dags) != self.num_dags:
             raise ValueError(
@@ -355,20 +420,26 @@ class ChimeraMixer(nn.Module):
                 else:
                     w = two_cycle_normalize(w, dag, self.gamma)
                 scale = d_g
-            parts.append((dag, g, w, scale, self._method_for(dag)))
+            parts.append((dag, g, w, scale, method or self._method_for(dag)))
         if all(p[4] == "exact" for p in parts):
             # one call for all DAGs: on a grid, the corners' masks are merged per B/C group and
             # mixed in one SMA (chimera.ops.grid.mix_grid_corners); elsewhere the same as below
             y = mix_sum(V, Bs, Cs, [p[2] for p in parts], dags, self.groups,
                         [p[3] for p in parts], method="exact")
-        for dag, g, w, scale, method in parts if y is None else ():
+        for dag, g, w, scale, m in parts if y is None else ():
             Bg = Bs[:, :, g, None, :].expand(b, T, h, N)
             Cg = Cs[:, :, g, None, :].expand(b, T, h, N)
-            y_k = mix(V * scale.unsqueeze(-1), Bg, Cg, w, dag, method=method,
-                      num_terms=self._num_terms(method, seg), chunk_size=self.chunk_size)
+            k = num_terms if num_terms is not None else self._num_terms(m, seg)
+            y_k = mix(V * scale.unsqueeze(-1), Bg, Cg, w, dag, method=m,
+                      num_terms=k, chunk_size=self.chunk_size)
             y = y_k if y is None else y + y_k
         if self.dag_sum == "sqrt":
             y = y / math.sqrt(len(dags))
+        return y
+
+    def _output(self, y: Tensor, V: Tensor, z: Tensor) -> Tensor:
+        """``D`` skip -> gated RMSNorm -> out_proj."""
+        b, T = V.shape[:2]
         y = torch.addcmul(y, self.D[:, None], V)
         y = self.norm(y.reshape(b, T, self.d_inner), z)
         return self.out_proj(y)

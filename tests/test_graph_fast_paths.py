@@ -130,6 +130,60 @@ def test_sma_apply_matches_dense_per_graph_oracle(batched):
         [t.detach().clone().requires_grad_(True) for t in small])
 
 
+def test_sma_apply_with_head_shared_b_c_matches_per_head_copies():
+    """B/C expanded over heads (one group, the mixer's case) take the shared-scores path: same
+    values and gradients as contiguous per-head copies, gradients summed over the heads."""
+    topo = _cycle_batch(seed=10)
+    layout = dense.block_layout(topo)
+    V, B, C, w = random_inputs(topo, b=2, h=3, p=5, n=4)
+    L = dense.resolvent_reference(dense.dense_adjacency(_small_weights(topo, w), topo, layout))
+    B1, C1 = B[:, :, :1].clone(), C[:, :, :1].clone()
+
+    def shared(L, V, B1, C1):
+        Bh, Ch = (t.expand(-1, -1, 3, -1) for t in (B1, C1))
+        assert dense._shared_across_heads(Bh)
+        return dense.sma_apply(L, V, Bh, Ch, layout)
+
+    def copies(L, V, B1, C1):
+        Bh, Ch = (t.expand(-1, -1, 3, -1).contiguous() for t in (B1, C1))
+        assert not dense._shared_across_heads(Bh)
+        return dense.sma_apply(L, V, Bh, Ch, layout)
+
+    y_ref, g_ref = _grads(copies, [L, V, B1, C1])
+    y, g = _grads(shared, [L, V, B1, C1])
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_flush_tiny_and_the_solve_under_flush_to_zero():
+    """``flush_tiny`` zeroes exactly the entries below sqrt(tiny) and passes gradients where it
+    keeps; the LU solve runs with subnormals flushed and leaves the thread's mode as it was."""
+    from chimera.ops import linalg
+
+    t = torch.finfo(torch.float32).tiny ** 0.5
+    x = torch.tensor([0.5 * t, -0.5 * t, 2 * t, -2 * t, 0.0, 1.0, 1e-40],
+                     requires_grad=True)
+    y = linalg.flush_tiny(x)
+    assert y.tolist() == [0.0, 0.0, 2 * t, -2 * t, 0.0, 1.0, 0.0]
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    topo = _cycle_batch(seed=11)
+    layout = dense.block_layout(topo)
+    w = _small_weights(topo, random_inputs(topo, b=1, h=2)[3]).float()
+    A = dense.dense_adjacency(w, topo, layout)
+    before = linalg._flush_denormal_is_on()
+    L = linalg.general_inverse_of_i_minus(A)
+    assert linalg._flush_denormal_is_on() == before
+    torch.testing.assert_close(L.double(), dense.resolvent_reference(A), atol=1e-5, rtol=1e-5)
+    if torch.set_flush_denormal(True):  # a user's own setting is kept
+        try:
+            linalg.general_inverse_of_i_minus(A)
+            assert linalg._flush_denormal_is_on()
+        finally:
+            torch.set_flush_denormal(False)
+
+
 def _loop_plan(topo: Topology) -> tuple[list, list]:
     """The per-level construction ``scan.sweep_plan`` replaced (one sort per level): the
     reference for the vectorised plans."""

@@ -154,6 +154,8 @@ class GraphBuckets:
     parts: list[BucketPart]
     num_nodes: int
     num_graphs: int
+    #: the whole batch's topology: the per-node and per-edge work of a layer runs on it once
+    topology: Topology
 
 
 def bucket_graphs(
@@ -194,7 +196,9 @@ def bucket_graphs(
                               diameter=None if diameter is None else
                               torch.as_tensor(diameter, device=device).flatten()[gids])
         parts.append(BucketPart(node_ids, edge_ids, gids, ei, b, topo))
-    return GraphBuckets(parts, int(batch.numel()), int(num_graphs))
+    whole = graph_topology(edge_index, int(batch.numel()), batch, bfs_depth=bfs_depth,
+                           diameter=diameter)
+    return GraphBuckets(parts, int(batch.numel()), int(num_graphs), whole)
 
 
 # --------------------------------------------------------------------------- Chimera layer
@@ -394,16 +398,23 @@ class ChimeraGraphConv(nn.Module):
             n_max = max(int((q.topology.ptr[1:] - q.topology.ptr[:-1]).max())
                         for q in buckets.parts)
             num_terms = int(n_max // self.k_factor)
-        out = x.new_zeros(x.shape)
+        Ks: list[Tensor | int | None] = []
         for part in buckets.parts:
             K = num_terms
             if isinstance(K, Tensor) and K.dim() == 1:  # one K per graph of the whole batch
                 K = K[part.graph_ids]
-            ea = None if edge_attr is None else edge_attr[part.edge_ids]
-            y = self.forward(x[part.node_ids], part.edge_index, ea, part.batch,
-                             topology=part.topology, num_terms=K)
-            out = out.index_copy(0, part.node_ids, y)  # every node is in exactly one bucket
-        return out
+            Ks.append(self.num_terms_for(part.topology) if K is None else K)
+        methods = [self._dag_method_for(part.topology) if self.method == "dag" else None
+                   for part in buckets.parts]
+        if edge_attr is not None and edge_attr.dim() == 1:
+            edge_attr = edge_attr.unsqueeze(-1)
+        if self.mixer.edge_proj is None:
+            edge_attr = None  # this layer was built without edge features
+        y = self.mixer.forward_buckets(
+            x.unsqueeze(0), buckets.topology,
+            [(part.node_ids, part.edge_ids, part.topology) for part in buckets.parts],
+            edge_attr, methods=methods, num_terms=Ks)
+        return y.squeeze(0)
 
 
 # --------------------------------------------------------------------------- local MPNNs

@@ -91,8 +91,8 @@ def test_experiment_member_composes(table, member, preset):
         assert data.auto_augment is None and data.re_prob == 0.0 and list(data.scale) == [1, 1]
         assert model.mixup.prob == 0.0 and model.mixup.label_smoothing == 0.1
         assert model.optimizer.lr == 3e-3
-        # one budget for every row of a table: 640 steps of 64 in Table 2, 320 in the others
-        assert data.subset_train == (40960 if table.endswith("table2") else 20480)
+        # one budget for every row of a table: 800 steps of 64 in Table 2, 320 in the others
+        assert data.subset_train == (51200 if table.endswith("table2") else 20480)
         return
     assert data.auto_augment == "rand-m9-mstd0.5-inc1" and data.re_prob == 0.25
     if is_chimera:

@@ -361,3 +361,72 @@ def test_neumann_powers_leave_no_subnormals(per_graph):
     torch.testing.assert_close(S.double(), ref, atol=1e-5, rtol=1e-4)
     S.sum().backward()
     assert bool(torch.isfinite(A32.grad).all())
+
+
+def test_topological_layout_makes_the_bfs_dag_pair_triangular():
+    """The BFS-DAG pair in the down DAG's topological layout: a permutation of each graph's
+    block positions, the down DAG strictly lower and the up DAG strictly upper triangular; a
+    DAG that is neither (not the pair's reverse) is reported as such."""
+    topo = _cycle_batch(seed=5)
+    down, up = topo.dags()
+    lay = dense.topological_layout(down)
+    n, gid = lay.n_max, topo.graph_ids
+    pos = lay.slot - gid * n
+    for g in range(topo.num_graphs):
+        size = int(topo.ptr[g + 1] - topo.ptr[g])
+        assert sorted(pos[gid == g].tolist()) == list(range(size))
+    assert dense.triangle_of(down, lay) == "lower"
+    assert dense.triangle_of(up, lay) == "upper"
+    gen = torch.Generator().manual_seed(1)
+    shuffled = random_dag(9, 0.4, gen)
+    other = dense.topological_layout(random_dag(9, 0.4, gen))
+    assert dense.triangle_of(shuffled, dense.topological_layout(shuffled)) == "lower"
+    assert dense.triangle_of(shuffled, other) is None
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_triangular_resolvent_matches_the_oracle_and_gradcheck(which):
+    """``resolvent_dag_triangular`` (lower for the down DAG, upper for the up DAG in the same
+    layout) against the float64 LU oracle in values and edge gradients, and gradcheck."""
+    topo = _cycle_batch(seed=6)
+    dags = topo.dags()
+    dag = dags[which]
+    lay = dense.topological_layout(dags[0])
+    tri = dense.triangle_of(dag, lay)
+    assert tri == ("lower", "upper")[which]
+    w = torch.rand(2, 3, dag.num_edges, generator=torch.Generator().manual_seed(2),
+                   dtype=torch.float64) * 0.8 + 0.1
+    L_ref, (g_ref,) = _grads(
+        lambda w: dense.resolvent_reference(dense.dense_adjacency(w, dag, lay)), [w])
+    L, (g,) = _grads(lambda w: dense.resolvent_dag_triangular(w, dag, lay, tri), [w])
+    torch.testing.assert_close(L, L_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
+    small = w[:1, :2].detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda w: dense.resolvent_dag_triangular(w, dag, lay, tri), [small])
+
+
+def test_dag_pair_falls_back_to_rows_when_not_triangular(monkeypatch):
+    """Two DAGs on the same nodes that are not each other's reverse: the rows of ``L`` (the
+    recurrence), same result as the per-DAG oracle."""
+    gen = torch.Generator().manual_seed(7)
+    d0 = random_dag(8, 0.35, gen)
+    d1 = random_dag(8, 0.35, gen)
+    lay = dense.topological_layout(d0)
+    assert dense.triangle_of(d1, lay) is None
+    dags = [d0, d1]
+    V = torch.randn(2, 8, 3, 4, generator=gen, dtype=torch.float64)
+    B = torch.randn(2, 8, 1, 5, generator=gen, dtype=torch.float64)
+    C = torch.randn(2, 8, 1, 5, generator=gen, dtype=torch.float64)
+    ws = [torch.rand(2, 3, d.num_edges, generator=gen, dtype=torch.float64) * 0.8 + 0.1
+          for d in dags]
+    calls = []
+    rows = dense.resolvent_dag_rows
+    monkeypatch.setattr(dense, "resolvent_dag_rows", lambda *a: calls.append(1) or rows(*a))
+    y, g = _grads(lambda V, B, C, w0, w1: mix_sum(V, B, C, [w0, w1], dags, [0, 0],
+                                                  method="exact"), [V, B, C, *ws])
+    assert len(calls) == 2
+    y_ref, g_ref = _grads(_pair_oracle(dags, (0, 0), False, "reference"), [V, B, C, *ws])
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)

@@ -86,12 +86,17 @@ def flush_denormal_cpu(active: bool = True) -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
+def general_inverse(M: Tensor) -> Tensor:
+    """``M^-1`` for a batch of arbitrary square matrices (LU; thread-safe on CPU)."""
+    eye = eye_like(M)
+    cpu = M.device.type == "cpu"
+    with single_threaded_cpu(cpu), flush_denormal_cpu(cpu):
+        return torch.linalg.solve(M, eye.expand_as(M))
+
+
 def general_inverse_of_i_minus(A: Tensor) -> Tensor:
     """``(I - A)^-1`` for a batch of arbitrary square matrices (LU; thread-safe on CPU)."""
-    eye = eye_like(A)
-    cpu = A.device.type == "cpu"
-    with single_threaded_cpu(cpu), flush_denormal_cpu(cpu):
-        return torch.linalg.solve(eye - A, eye.expand_as(A))
+    return general_inverse(eye_like(A) - A)
 
 
 def flush_tiny(x: Tensor) -> Tensor:

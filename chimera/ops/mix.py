@@ -237,10 +237,16 @@ def _mix_dag_rows_sum(V: Tensor, B: Tensor, C: Tensor, edge_weights: Sequence[Te
     layer's time with one per DAG).
     """
     b, T, h, _ = V.shape
-    layout = dense.block_layout(dags[0])
+    layout = dense.topological_layout(dags[0])
+    triangles = [dense.triangle_of(d, layout) for d in dags]
+    if not all(triangles):
+        layout = dense.block_layout(dags[0])
     masks: dict[int, Tensor] = {}
-    for dag, w, g, s in zip(dags, edge_weights, groups, scales, strict=True):
-        L = dense.resolvent_dag_rows(w, dag, layout)  # (b, G, H, n, n)
+    for dag, w, g, s, tri in zip(dags, edge_weights, groups, scales, triangles, strict=True):
+        if all(triangles):
+            L = dense.resolvent_dag_triangular(w, dag, layout, tri)  # (b, G, H, n, n)
+        else:
+            L = dense.resolvent_dag_rows(w, dag, layout)
         if s is not None:  # scale the columns: L diag(s)
             L = L * dense.to_head_blocks(s.unsqueeze(-1), layout).transpose(-1, -2)
         masks[g] = L if g not in masks else masks[g] + L

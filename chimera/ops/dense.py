@@ -236,7 +236,7 @@ def triangle_of(topo: Topology, layout: BlockLayout) -> str | None:
 
 class _TriangularResolvent(torch.autograd.Function):
     """``L = (I - A(w))^-1`` of a DAG laid out in a topological order (``A`` strictly triangular
-    per block): one unit-triangular solve, a sixth of the arithmetic of the LU solve of
+    per block): one unit-triangular solve, about a third of the arithmetic of the LU solve of
     :class:`_EdgeResolvent`; the adjoint ``M = Lᵀ gL = (I - A)^-ᵀ gL`` is one more triangular
     solve, then the same edge-only gradient."""
 

@@ -144,7 +144,8 @@ def _edge_weight_gradient(M: Tensor, L: Tensor, graph: Tensor, row: Tensor,
              + torch.arange(h, device=L.device).view(1, 1, h)) * n
     rows_m = M.reshape(-1, n).index_select(0, (first + row.view(1, -1, 1)).flatten())
     rows_l = L.reshape(-1, n).index_select(0, (first + col.view(1, -1, 1)).flatten())
-    return torch.linalg.vecdot(rows_m, rows_l).view(b, -1, h).transpose(1, 2)
+    # in place into the gathered rows: a fresh (E H, n) product buffer costs its page faults
+    return rows_m.mul_(rows_l).sum(-1).view(b, -1, h).transpose(1, 2)
 
 
 def _i_minus_a_blocks(w: Tensor, graph: Tensor, row: Tensor, col: Tensor, num_graphs: int,

@@ -430,3 +430,73 @@ def test_dag_pair_falls_back_to_rows_when_not_triangular(monkeypatch):
     torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
     for a, b in zip(g, g_ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def _chain_with_rings(n: int, seed: int) -> Topology:
+    """A molecule-like graph: a chain with a side atom every 5 atoms and a ring closure every
+    12 (undirected, node ids shuffled so that the natural order is not the band order)."""
+    g = torch.Generator().manual_seed(seed)
+    edges = [(i, i + 1) for i in range(n - 1)]
+    edges += [(i, i + 4) for i in range(0, n - 4, 12)]
+    ei = torch.tensor(edges).T
+    perm = torch.randperm(n, generator=g)
+    ei = perm[ei]
+    return from_edge_index(torch.cat([ei, ei.flip(0)], 1), n)
+
+
+def test_band_layout_is_block_tridiagonal_and_banded_resolvent_matches_the_oracle():
+    """On near-chain graphs the BFS layout puts every edge within one block of the diagonal;
+    the block-tridiagonal elimination equals the LU oracle in values and edge gradients, and
+    ``mix(..., "exact")`` takes it (end to end against ``reference``)."""
+    topo = _batch(_chain_with_rings(60, 0), _chain_with_rings(37, 1), _chain_with_rings(81, 2))
+    band = dense.band_layout(topo)
+    assert band is not None and band.num_blocks >= 4
+    lay, s = band.layout, band.block
+    assert lay.n_max == band.num_blocks * s
+    pos = lay.slot % lay.n_max
+    assert int(((pos[topo.src] // s) - (pos[topo.dst] // s)).abs().max()) <= 1
+    for g in range(topo.num_graphs):  # a permutation of each graph's first positions
+        size = int(topo.ptr[g + 1] - topo.ptr[g])
+        assert sorted(pos[topo.graph_ids == g].tolist()) == list(range(size))
+    w = _small_weights(topo, random_inputs(topo, b=2, h=3)[3])
+    assert dense.diagonally_dominant(w, topo)
+    L_ref, (g_ref,) = _grads(
+        lambda w: dense.resolvent_reference(dense.dense_adjacency(w, topo, lay)), [w])
+    L, (g,) = _grads(lambda w: dense.resolvent_banded(w, topo, band), [w])
+    torch.testing.assert_close(L, L_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
+
+    V, B, C, _ = random_inputs(topo, b=2, h=3)
+    calls = []
+    banded = dense.resolvent_banded
+    ins = [V, B, C, w]
+    y_ref, gr = _grads(lambda *a: mix(*a, topo, method="reference"), ins)
+    try:
+        dense.resolvent_banded = lambda *a: calls.append(1) or banded(*a)
+        y, gy = _grads(lambda *a: mix(*a, topo, method="exact"), ins)
+    finally:
+        dense.resolvent_banded = banded
+    assert calls  # the exact path took the band
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    for a, b in zip(gy, gr, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_banded_resolvent_gradcheck_and_the_fallbacks():
+    """gradcheck of the banded elimination; a graph with a wide band (a star) and weights that
+    are not diagonally dominant take the LU instead, with the same values."""
+    topo = _chain_with_rings(34, 3)
+    band = dense.band_layout(topo)
+    assert band is not None
+    w = _small_weights(topo, random_inputs(topo, b=1, h=1)[3]).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda w: dense.resolvent_banded(w, topo, band), [w])
+    hub = torch.zeros(30, dtype=torch.long)
+    star = from_edge_index(torch.cat([torch.stack([hub[1:], torch.arange(1, 30)]),
+                                      torch.stack([torch.arange(1, 30), hub[1:]])], 1), 30)
+    assert dense.band_layout(star) is None
+    big = torch.full((1, 1, topo.num_edges), 0.6, dtype=torch.float64)  # rows sum to 1.2
+    assert not dense.diagonally_dominant(big, topo)
+    V, B, C, _ = random_inputs(topo, b=1, h=1)
+    y = mix(V, B, C, big, topo, method="exact")
+    torch.testing.assert_close(y, mix(V, B, C, big, topo, method="reference"), atol=1e-9,
+                               rtol=1e-9)

@@ -277,6 +277,146 @@ def resolvent_dag_triangular(edge_weight: Tensor, topo: Topology, layout: BlockL
                                       layout.n_max, triangle == "upper")
 
 
+# ----------------------------------------------------------------- banded (block-tridiagonal)
+#: band layouts are used while the block size stays below this fraction of the padded graph
+BAND_MAX_FRACTION = 0.25
+
+
+@dataclass
+class BandLayout:
+    """A :class:`BlockLayout` whose ``n_max`` is ``num_blocks * block`` and in which every edge
+    joins positions at most ``block`` apart, so ``I - A`` is block tridiagonal."""
+
+    layout: BlockLayout
+    block: int
+    num_blocks: int
+
+
+def band_layout(topo: Topology, multiple: int = 8) -> BandLayout | None:
+    """Each graph's nodes in the topological order of the first DAG of its canonical
+    decomposition (for a general graph the BFS-depth DAG from its first node, i.e. BFS order),
+    which keeps the ends of every edge close: on Peptides-func the bandwidth is 7.4 on average
+    (95th percentile 14, at most 39 over 2,000 molecules) against ~150 atoms. ``None`` when the
+    band is too wide to pay off (block > ``BAND_MAX_FRACTION`` of the padded size)."""
+
+    def build() -> BandLayout | None:
+        if topo.num_edges == 0:
+            return None
+        first = topo if topo.is_dag else topo.dags()[0]
+        base = topological_layout(first)
+        pos = base.slot - topo.graph_ids * base.n_max
+        width = int((pos[topo.src] - pos[topo.dst]).abs().max())
+        block = max(multiple, -(-width // multiple) * multiple)
+        nb = -(-base.n_max // block)
+        if nb < 2 or block > BAND_MAX_FRACTION * nb * block:
+            return None
+        n = nb * block
+        lay = BlockLayout(slot=topo.graph_ids * n + pos, num_graphs=topo.num_graphs, n_max=n,
+                          identity=False)
+        return BandLayout(lay, block, nb)
+
+    return topo._cached("band_layout", build)
+
+
+def diagonally_dominant(edge_weight: Tensor, topo: Topology) -> bool:
+    """Whether every row of ``A`` has absolute sum below 1 (``I - A`` strictly row diagonally
+    dominant; the row normalisation of Sec. 3.3 guarantees ``< gamma``), in every batch and head:
+    then block elimination needs no pivoting across blocks."""
+    rows = edge_weight.new_zeros(*edge_weight.shape[:-1], topo.num_nodes)
+    rows.index_add_(-1, topo.dst, edge_weight.abs())
+    return bool((rows < 1).all())
+
+
+def _band_blocks(w: Tensor, graph: Tensor, row: Tensor, col: Tensor, num_graphs: int,
+                 nb: int, s: int) -> Tensor:
+    """The three block diagonals of ``I - A``: ``(b, G, H, nb, 3, s, s)`` with ``[..., i, 0]`` =
+    block ``(i, i-1)``, ``[..., i, 1]`` = ``(i, i)`` and ``[..., i, 2]`` = ``(i, i+1)``."""
+    b, h, E = w.shape
+    bi, bj = row // s, col // s
+    side = bj - bi + 1  # 0 below the diagonal block, 1 on it, 2 above
+    heads = torch.arange(h, device=w.device).view(h, 1)
+    flat = ((((graph.view(1, E) * h + heads) * nb + bi.view(1, E)) * 3 + side.view(1, E)) * s
+            + (row % s).view(1, E)) * s + (col % s).view(1, E)
+    blocks = w.new_zeros(b, num_graphs, h, nb, 3, s, s)
+    blocks[..., 1, :, :].diagonal(dim1=-2, dim2=-1).fill_(1.0)
+    blocks.view(b, -1).index_add_(-1, flat.flatten(), w.reshape(b, h * E), alpha=-1)
+    return blocks
+
+
+class _BandedResolvent(torch.autograd.Function):
+    """``L = (I - A(w))^-1`` for a block-tridiagonal ``I - A`` (blocks of ``s`` nodes,
+    :func:`band_layout`) by block LU without pivoting across blocks (the block Thomas
+    algorithm; valid for a diagonally dominant ``I - A``, see :func:`diagonally_dominant`) and
+    block substitution on the identity.
+
+    With ``D_0 = T_00``, ``G_i = D_{i-1}^-1 T_{i-1,i}``, ``D_i = T_ii - T_{i,i-1} G_i``,
+    ``F_i = T_{i,i-1} D_{i-1}^-1``: forward ``Y_i = E_i - F_i Y_{i-1}``, backward
+    ``X_i = D_i^-1 (Y_i - T_{i,i+1} X_{i+1})``. ``O(n^2 s)`` per graph and head instead of the
+    LU's ``O(n^3)``, in ``3 n / s`` sequential steps. The adjoint ``M = (I - A)^-T gL`` reuses the
+    factors (``Tᵀ``'s pivots are ``D_iᵀ``, its multipliers ``G_iᵀ``), then the edge-only gradient.
+    """
+
+    @staticmethod
+    @autocast_off
+    def forward(ctx, w: Tensor, graph: Tensor, row: Tensor, col: Tensor, num_graphs: int,
+                nb: int, s: int) -> Tensor:
+        b, h, _ = w.shape
+        n = nb * s
+        blocks = _band_blocks(w, graph, row, col, num_graphs, nb, s).view(-1, nb, 3, s, s)
+        m = blocks.shape[0]
+        lo, dg, up = blocks[:, :, 0], blocks[:, :, 1], blocks[:, :, 2]
+        cpu = w.device.type == "cpu"
+        # products into fresh tensors, then one in-place update of the strided block row:
+        # an in-place batched product into a strided view falls back to one GEMM per matrix
+        with flush_denormal_cpu(cpu):
+            d_inv = torch.empty_like(dg)
+            g = torch.zeros_like(dg)  # G_i; G_0 unused
+            f = torch.zeros_like(dg)  # F_i; F_0 unused
+            d_inv[:, 0] = general_inverse(dg[:, 0])
+            for i in range(1, nb):
+                g[:, i] = torch.bmm(d_inv[:, i - 1], up[:, i - 1])
+                f[:, i] = torch.bmm(lo[:, i], d_inv[:, i - 1])
+                d_inv[:, i] = general_inverse(dg[:, i] - torch.bmm(lo[:, i], g[:, i]))
+            X = w.new_zeros(m, nb, s, n)  # Y, then overwritten block row by block row by X
+            X.view(m, n, n).diagonal(dim1=-2, dim2=-1).fill_(1.0)
+            for i in range(1, nb):  # Y_{i-1} is zero from column i s on
+                c = i * s
+                X[:, i, :, :c].sub_(torch.bmm(f[:, i], X[:, i - 1, :, :c]))
+            X[:, nb - 1] = torch.bmm(d_inv[:, nb - 1], X[:, nb - 1])
+            for i in range(nb - 2, -1, -1):
+                X[:, i] = torch.bmm(d_inv[:, i], X[:, i] - torch.bmm(up[:, i], X[:, i + 1]))
+        L = flush_tiny(X.view(b, num_graphs, h, n, n))  # subnormals slow products (flush_tiny)
+        ctx.save_for_backward(L, d_inv, g, lo, graph, row, col)
+        return L
+
+    @staticmethod
+    def backward(ctx, gL: Tensor):
+        L, d_inv, g, lo, graph, row, col = ctx.saved_tensors
+        m, nb, s, _ = d_inv.shape
+        n = nb * s
+        R = gL.reshape(m, nb, s, n)
+        with flush_denormal_cpu(gL.device.type == "cpu"):
+            Z = R.clone()  # then overwritten block row by block row by M
+            for i in range(1, nb):
+                Z[:, i].sub_(torch.bmm(g[:, i].mT, Z[:, i - 1]))
+            Z[:, nb - 1] = torch.bmm(d_inv[:, nb - 1].mT, Z[:, nb - 1])
+            for i in range(nb - 2, -1, -1):
+                Z[:, i] = torch.bmm(d_inv[:, i].mT,
+                                    Z[:, i] - torch.bmm(lo[:, i + 1].mT, Z[:, i + 1]))
+            M = Z
+        M = flush_tiny(M.view(L.shape))
+        return (_edge_weight_gradient(M, L, graph, row, col),
+                None, None, None, None, None, None)
+
+
+def resolvent_banded(edge_weight: Tensor, topo: Topology, band: BandLayout) -> Tensor:
+    """``L (b, G, H, n, n)`` in ``band.layout`` by the block-tridiagonal elimination of
+    :class:`_BandedResolvent` (needs a diagonally dominant ``I - A``)."""
+    graph, row, col = _edge_positions(topo, band.layout)
+    return _BandedResolvent.apply(edge_weight, graph, row, col, band.layout.num_graphs,
+                                  band.num_blocks, band.block)
+
+
 def resolvent_dag_rows(edge_weight: Tensor, topo: Topology, layout: BlockLayout) -> Tensor:
     """``L (b, G, H, n, n)`` of a DAG from the level-set recurrence with ``X = I``
     (``O(|E| n)`` per head instead of the ``O(n^3)`` triangular inverse)."""

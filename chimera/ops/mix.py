@@ -275,7 +275,12 @@ def resolvent(edge_weight: Tensor, topology: Topology, method: Method = "exact",
             return L.unsqueeze(1), layout
     if method == "exact" and is_dag:
         return dense.resolvent_dag_rows(edge_weight, topology, layout), layout
-    if method == "exact":  # edge weights -> L in one Function (edge-only backward)
+    if method == "exact":
+        band = dense.band_layout(topology)
+        if band is not None and dense.diagonally_dominant(edge_weight, topology):
+            # near-chain graphs (molecules): block-tridiagonal elimination, O(n^2 s)
+            return dense.resolvent_banded(edge_weight, topology, band), band.layout
+        # edge weights -> L by one LU solve in one Function (edge-only backward)
         return dense.resolvent_exact_edges(edge_weight, topology, layout), layout
     A = dense.dense_adjacency(edge_weight, topology, layout)
     if method == "reference":

@@ -8,7 +8,9 @@ method        topologies           how ``L`` (or ``L X``) is obtained
 reference     any                  dense LU solve in float64: the test oracle
 exact         any                  lines: closed forms (chimera.ops.line); grid corner DAGs:
                                    row sweeps; other DAGs: rows of L by the level-set
-                                   recurrence; otherwise an LU solve
+                                   recurrence (a BFS-DAG pair: triangular solves); graphs
+                                   with a narrow band in BFS order and a diagonally dominant
+                                   ``I - A``: block-tridiagonal elimination; otherwise LU
 neumann       any                  ``sum_{k<=K} A^k`` by squaring (K = diameter by default)
 dag_dense     DAGs                 ``(I + A)(I + A^2)(I + A^4)...``: exact by nilpotency
 dag_scan      DAGs                 linear-time recurrence, no ``T x T``: grid corner DAGs

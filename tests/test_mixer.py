@@ -18,6 +18,14 @@ def _graph_batch(seed=0):
     return g1, g2, from_edge_index(ei, 18, batch=torch.tensor([0] * 7 + [1] * 11))
 
 
+def _molecule(n=40):
+    """A chain with a ring closure every 10 atoms: narrow band in BFS order, so the exact
+    resolvent takes the block-tridiagonal elimination (chimera.ops.dense.band_layout)."""
+    edges = [(i, i + 1) for i in range(n - 1)] + [(i, i + 5) for i in range(0, n - 5, 10)]
+    ei = torch.tensor(edges).T
+    return from_edge_index(torch.cat([ei, ei.flip(0)], 1), n)
+
+
 TOPOLOGIES = {
     "grid": ("grid", grid(4, 5)),
     "flat_fwd_rev": ("line", flat_grid(4, 5)),
@@ -25,7 +33,14 @@ TOPOLOGIES = {
     "line": ("line", line(9)),
     "graph": ("graph", random_graph(10, 0.3, torch.Generator().manual_seed(0))),
     "graph_batch": ("graph", _graph_batch()[2]),
+    "molecule": ("graph", _molecule()),
 }
+
+
+def test_the_molecule_topology_takes_the_band():
+    from chimera.ops import dense
+
+    assert dense.band_layout(TOPOLOGIES["molecule"][1]) is not None
 
 
 @pytest.mark.parametrize("name", list(TOPOLOGIES))

@@ -500,3 +500,20 @@ def test_banded_resolvent_gradcheck_and_the_fallbacks():
     y = mix(V, B, C, big, topo, method="exact")
     torch.testing.assert_close(y, mix(V, B, C, big, topo, method="reference"), atol=1e-9,
                                rtol=1e-9)
+
+
+def test_finite_sums_equal_the_explicit_sum_for_every_k():
+    """``neumann_sum`` (one K) and ``neumann_sum_per_block`` (one K per block) against the sum
+    of powers term by term, K = 0..9 (every bit pattern of the squaring schedules)."""
+    from chimera.ops.linalg import neumann_sum, neumann_sum_per_block
+
+    A = torch.rand(2, 3, 5, 5, generator=torch.Generator().manual_seed(3),
+                   dtype=torch.float64) * 0.3
+    Ks = torch.arange(10)
+    per = neumann_sum_per_block(A.unsqueeze(1).expand(2, 10, 3, 5, 5), Ks.view(1, -1, 1))
+    for K in range(10):
+        ref, P = torch.zeros_like(A), torch.eye(5, dtype=A.dtype).expand_as(A)
+        for _ in range(K + 1):
+            ref, P = ref + P, P @ A
+        torch.testing.assert_close(neumann_sum(A, K), ref, atol=1e-12, rtol=1e-12)
+        torch.testing.assert_close(per[:, K], ref, atol=1e-12, rtol=1e-12)

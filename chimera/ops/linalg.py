@@ -130,12 +130,16 @@ def neumann_sum(A: Tensor, K: int) -> Tensor:
     m = K + 1
     S = eye.expand_as(A)
     P = A
-    for bit in bin(m)[3:]:  # skip '0b1': S_1 = I, P_1 = A
+    bits = bin(m)[3:]  # skip '0b1': S_1 = I, P_1 = A
+    for k, bit in enumerate(bits):
+        last = k == len(bits) - 1  # then the power P goes unused
         S = flush_tiny(S + S @ P)  # powers of A decay into subnormals (see flush_tiny)
-        P = flush_tiny(P @ P)
+        if not last:
+            P = flush_tiny(P @ P)
         if bit == "1":
             S = flush_tiny(eye + A @ S)
-            P = flush_tiny(A @ P)
+            if not last:
+                P = flush_tiny(A @ P)
     return S
 
 
@@ -158,10 +162,13 @@ def neumann_sum_per_block(A: Tensor, K: Tensor) -> Tensor:
     S = torch.zeros_like(A)
     P = eye.expand_as(A)
     T, Q = eye.expand_as(A), A
-    for j in range(int(m.max()).bit_length() if m.numel() else 0):
+    bits = int(m.max()).bit_length() if m.numel() else 0
+    for j in range(bits):
         bit = ((m >> j) & 1).bool()
         # powers of A decay into subnormals, which slow the products (see flush_tiny)
         S = flush_tiny(torch.where(bit, S + P @ T, S))
+        if j == bits - 1:  # P, T and Q of the next bit would go unused
+            break
         P = flush_tiny(torch.where(bit, P @ Q, P))
         T = flush_tiny(T + T @ Q)
         Q = flush_tiny(Q @ Q)

@@ -292,12 +292,15 @@ class ChimeraMixer(nn.Module):
         seq_idx: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
         segments: Segments | None = None,
+        method: str | None = None,
+        num_terms: int | Tensor | None = None,
     ) -> Tensor:
         """``x (batch, T, d_model)`` over ``topology`` -> ``(batch, T, d_model)``.
 
         Variable-length text on a line (:mod:`chimera.varlen`): ``attention_mask (batch, T)``
         (1 = real token), ``cu_seqlens`` (one packed row), ``seq_idx (batch, T)``, or prebuilt
-        ``segments``. Outputs at padding positions are unspecified (but finite).
+        ``segments``. Outputs at padding positions are unspecified (but finite). ``method`` /
+        ``num_terms`` override the mixer's own algorithm and ``K`` for this call.
         """
         topology = topology.to(x.device)
         if edge_attr is None:
@@ -310,7 +313,8 @@ class ChimeraMixer(nn.Module):
                 "attention_mask / seq_idx / cu_seqlens are for line topologies (text); for "
                 f"batches of '{self.conv_kind}' topologies use a batched Topology instead")
         z, V, Bs, Cs, delta, psi, delta_edge = self._project(x, topology, edge_attr, seg)
-        y = self._mix(V, Bs, Cs, delta, psi, delta_edge, topology, seg)
+        y = self._mix(V, Bs, Cs, delta, psi, delta_edge, topology, seg, method=method,
+                      num_terms=num_terms)
         return self._output(y, V, z)
 
     def forward_buckets(

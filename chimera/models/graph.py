@@ -371,22 +371,20 @@ class ChimeraGraphConv(nn.Module):
             return self._forward_buckets(x, edge_attr, topology, num_terms)
         if topology.num_nodes != x.shape[0]:
             raise ValueError(f"x has {x.shape[0]} nodes, the topology {topology.num_nodes}")
-        if edge_attr is not None and edge_attr.dim() == 1:
-            edge_attr = edge_attr.unsqueeze(-1)
-        if self.mixer.edge_proj is None:
-            edge_attr = None  # this layer was built without edge features
         K = self.num_terms_for(topology) if num_terms is None else num_terms
-        # the mixer reads K and its DAG algorithm from its attributes; set them for this call
-        saved = self.mixer.num_terms, self.mixer.method
-        self.mixer.num_terms = K
-        if self.method == "dag":
-            self.mixer.method = self._dag_method_for(topology)
-        try:
-            y = self.mixer(x.unsqueeze(0), topology, edge_attr)
-        finally:
-            self.mixer.num_terms, self.mixer.method = saved
+        method = self._dag_method_for(topology) if self.method == "dag" else None
+        y = self.mixer(x.unsqueeze(0), topology, self._edge_features(edge_attr), method=method,
+                       num_terms=K)
         return y.squeeze(0)
 
+    def _edge_features(self, edge_attr: Tensor | None) -> Tensor | None:
+        """``edge_attr`` as ``(E, F)`` for the mixer, or None when this layer was built without
+        edge features."""
+        if self.mixer.edge_proj is None:
+            return None
+        if edge_attr is not None and edge_attr.dim() == 1:
+            return edge_attr.unsqueeze(-1)
+        return edge_attr
 
     def _forward_buckets(self, x: Tensor, edge_attr: Tensor | None, buckets: GraphBuckets,
                          num_terms: Tensor | int | None) -> Tensor:
@@ -406,14 +404,10 @@ class ChimeraGraphConv(nn.Module):
             Ks.append(self.num_terms_for(part.topology) if K is None else K)
         methods = [self._dag_method_for(part.topology) if self.method == "dag" else None
                    for part in buckets.parts]
-        if edge_attr is not None and edge_attr.dim() == 1:
-            edge_attr = edge_attr.unsqueeze(-1)
-        if self.mixer.edge_proj is None:
-            edge_attr = None  # this layer was built without edge features
         y = self.mixer.forward_buckets(
             x.unsqueeze(0), buckets.topology,
             [(part.node_ids, part.edge_ids, part.topology) for part in buckets.parts],
-            edge_attr, methods=methods, num_terms=Ks)
+            self._edge_features(edge_attr), methods=methods, num_terms=Ks)
         return y.squeeze(0)
 
 

@@ -119,18 +119,28 @@ def resolvent_exact(A: Tensor) -> Tensor:
     return general_inverse_of_i_minus(A)
 
 
+def _cached_per_layout(topo: Topology, layout: BlockLayout, key: str, fn):
+    """``fn()`` cached on ``topo`` under ``key`` per layout object (a topology may be laid out
+    in several layouts: node order, topological, band)."""
+    cache = topo._cached(key, list)
+    for lay, value in cache:
+        if lay is layout:
+            return value
+    value = fn()
+    cache.append((layout, value))
+    return value
+
+
 def _edge_positions(topo: Topology, layout: BlockLayout) -> tuple[Tensor, Tensor, Tensor]:
     """Per edge: its graph block and the block positions of its head (``dst``) and tail
-    (``src``) in ``layout`` (cached on ``topo`` per layout object)."""
-    cache = topo._cached("dense_edge_positions", list)
-    for lay, pos in cache:
-        if lay is layout:
-            return pos
-    n = layout.n_max
-    dst, src = layout.slot[topo.dst], layout.slot[topo.src]
-    pos = (dst // n, dst % n, src % n)
-    cache.append((layout, pos))
-    return pos
+    (``src``) in ``layout`` (cached on ``topo`` per layout)."""
+
+    def build() -> tuple[Tensor, Tensor, Tensor]:
+        n = layout.n_max
+        dst, src = layout.slot[topo.dst], layout.slot[topo.src]
+        return dst // n, dst % n, src % n
+
+    return _cached_per_layout(topo, layout, "dense_edge_positions", build)
 
 
 def _edge_weight_gradient(M: Tensor, L: Tensor, graph: Tensor, row: Tensor,
@@ -224,15 +234,18 @@ def topological_layout(topo: Topology) -> BlockLayout:
 
 def triangle_of(topo: Topology, layout: BlockLayout) -> str | None:
     """``"lower"`` / ``"upper"`` when every edge of ``topo`` goes forward / backward in
-    ``layout``'s positions (``A`` strictly lower / upper triangular per block), else ``None``."""
-    slot = layout.slot
-    if topo.num_edges == 0:
-        return "lower"
-    if bool((slot[topo.src] < slot[topo.dst]).all()):
-        return "lower"
-    if bool((slot[topo.src] > slot[topo.dst]).all()):
-        return "upper"
-    return None
+    ``layout``'s positions (``A`` strictly lower / upper triangular per block), else ``None``.
+    Structural, so cached on ``topo`` per layout (it is asked on every forward)."""
+
+    def build() -> str | None:
+        slot = layout.slot
+        if topo.num_edges == 0 or bool((slot[topo.src] < slot[topo.dst]).all()):
+            return "lower"
+        if bool((slot[topo.src] > slot[topo.dst]).all()):
+            return "upper"
+        return None
+
+    return _cached_per_layout(topo, layout, "dense_triangle", build)
 
 
 class _TriangularResolvent(torch.autograd.Function):

@@ -121,7 +121,8 @@ def test_half_precision_and_errors():
         mix_sum(V, B, C, ws, dags, [0, 1, 2, 3])
 
 
-@pytest.mark.parametrize("shape", [(4, 5), (1, 6), (5, 1), (3, 3)])
+# (10, 3): segments of 3 rows, the last one partial (the backward's checkpointed recompute)
+@pytest.mark.parametrize("shape", [(4, 5), (1, 6), (5, 1), (3, 3), (10, 3)])
 def test_grid_dag_scan_takes_the_row_sweep_and_matches_both_oracles(shape, monkeypatch):
     """``dag_scan`` on a grid corner runs the row-by-row state recurrence (ops/grid.py): equal
     in values and all gradients to the dense float64 oracle and to the generic level-set scan

@@ -133,7 +133,9 @@ class GraphConv(nn.Module):
 
     def forward(self, x: Tensor, topology: Topology) -> Tensor:
         src, dst = topology.src, topology.dst
-        agg = torch.zeros_like(x).index_add(1, dst, x[:, src])
+        # index_select, not x[:, src]: its backward is an index_add, where advanced indexing runs
+        # an accumulating index_put (64 peptides, 288 channels: 73 -> 33 ms on 2 threads)
+        agg = torch.zeros_like(x).index_add(1, dst, x.index_select(1, src))
         deg = topology.in_degree.clamp(min=1).to(x.dtype)[None, :, None]
         return self.weight_self * x + self.weight_nbr * (agg / deg) + self.bias
 

@@ -287,12 +287,8 @@ def row_resolvents(a_h: Tensor, rightward: bool) -> Tensor:
     Rows running rightward: ``a_h[c]`` is the weight of the edge ``c-1 -> c`` and ``R`` is the
     lower triangular ``decay_mask``. Rows running leftward: ``a_h[c]`` is the weight of the edge
     ``c -> c-1`` (the in-edge of column ``c-1``), so that ``R[c, c'] = prod_{k=c+1}^{c'} a_h[k]``
-    for ``c <= c'``: the transpose of the same mask, with no flips.
-
-    Entries below ``sqrt(finfo.tiny)`` are zeroed (:func:`~chimera.ops.linalg.flush_tiny`): along
-    rows of 64 nodes the decays reach the subnormal range, and every product with a subnormal
-    operand is many times slower (the 64x64 ``dag_scan`` forward: 985 -> 149 ms)."""
-    R = flush_tiny(decay_mask(safe_log(a_h)))
+    for ``c <= c'``: the transpose of the same mask, with no flips."""
+    R = decay_mask(safe_log(a_h))
     return R if rightward else R.transpose(-1, -2)
 
 
@@ -358,7 +354,9 @@ def _row_sweep(a_left: Tensor, a_up: Tensor):
     """Yield ``(r, L_r)`` with ``L_r (M, W, (r+1) W)`` the rows of ``L`` for grid row ``r`` in
     the top-left frame, restricted to the columns of rows ``<= r`` (the others are zero)."""
     M, H, W = a_left.shape
-    R = row_resolvents(a_left, rightward=True)
+    # this path serves grids above MASK_MAX_NODES: along such rows the decays reach the
+    # subnormal range, where every product is many times slower (see flush_tiny)
+    R = flush_tiny(row_resolvents(a_left, rightward=True))
     eye = torch.eye(W, dtype=a_left.dtype, device=a_left.device).expand(M, W, W)
     prev = None
     for r in range(H):
@@ -452,7 +450,11 @@ def _row_resolvents_by_products(a_left: Tensor) -> Tensor:
     """:func:`row_resolvents` of rightward rows, ``(..., H, W, W)``, without autograd, by the
     recursion ``R[c] = a_left[c] R[c-1] + e_c`` over the columns: ``W`` small products instead
     of the masks' cumulative sums and exponentials over all ``W^2`` entries (64x64, batch 32:
-    ~40 vs ~120 ms), and exact products rather than ``exp`` of summed logarithms."""
+    ~40 vs ~120 ms), and exact products rather than ``exp`` of summed logarithms.
+
+    Entries below ``sqrt(finfo.tiny)`` are zeroed (:func:`~chimera.ops.linalg.flush_tiny`): along
+    rows of 64 nodes the decays reach the subnormal range, and every product with a subnormal
+    operand is many times slower (the 64x64 ``dag_scan`` forward: 985 -> 149 ms)."""
     W = a_left.shape[-1]
     R = a_left.new_zeros(*a_left.shape, W)
     R[..., 0, 0] = 1.0

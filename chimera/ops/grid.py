@@ -472,8 +472,9 @@ def _row_input(U: Tensor, B_r: Tensor, V_r: Tensor, a_r: Tensor, prev: Tensor | 
 
 
 def _segment_length(n_rows: int) -> int:
-    """Rows per recomputed segment: the backward keeps ``n_rows / k`` checkpoints plus ``2 k``
-    rows of ``U`` and ``H``, least at ``k ~ sqrt(n_rows / 2)``."""
+    """Rows per recomputed segment: the forward keeps ``n_rows / k`` checkpoints, the backward
+    adds ``k`` rows of recomputed states (and a few row buffers); ``k ~ sqrt(n_rows / 2)`` keeps
+    the sum near its least while a segment's recompute stays short."""
     return max(1, math.ceil(math.sqrt(n_rows / 2)))
 
 
@@ -496,7 +497,7 @@ class _GridStateScan(torch.autograd.Function):
     a backward through the masks' exponentials.
 
     Memory: the forward keeps only the states entering every segment of ``k`` rows
-    (:func:`_segment_length`); the backward recomputes one segment at a time into ``2 k`` reused
+    (:func:`_segment_length`); the backward recomputes one segment at a time into ``k`` reused
     row buffers, so the peak is ``O((H / k + k) W N P)`` beside the inputs, not ``O(T N P)``.
     Every per-row product writes into a preallocated buffer: fresh 8 MB results per row
     (64x64, batch 32) cost their page faults on every step.

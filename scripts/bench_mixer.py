@@ -284,7 +284,10 @@ class Runner:
         return step, (x, *mixer.parameters()), {"edges": topo.num_edges,
                                                 "num_dags": mixer.num_dags}
 
-    def run_case(self, family: str, n: int, method: str, budget: float, repeats: int) -> dict:
+    def _prepare(self, family: str, n: int, method: str):
+        """Build a case and run its warm-up call (also the memory measurement): ``(timed_call,
+        warm-up seconds, peak bytes, info)``; ``timed_call()`` runs one forward+backward and
+        returns its seconds."""
         seed = self.cfg["seed"] + zlib.crc32(f"{family}:{n}:{method}".encode())
         torch.manual_seed(seed)
         build = self.build_mixer if self.cfg["level"] == "mixer" else self.build_op
@@ -294,7 +297,14 @@ class Runner:
             for p in leaves:
                 p.grad = None
 
-        # warm-up call, also the memory measurement
+        def timed_call() -> float:
+            zero()
+            self.sync()
+            t0 = time.perf_counter()
+            step()
+            self.sync()
+            return time.perf_counter() - t0
+
         zero()
         self.sync()
         if self.device.type == "cuda":
@@ -313,23 +323,54 @@ class Runner:
                 step()
             t_warm = time.perf_counter() - t0
             peak = tracker.peak
+        zero()
+        return timed_call, t_warm, peak, info
+
+    @staticmethod
+    def _result(times: list[float], t_warm: float, budget: float, peak: float,
+                info: dict) -> dict:
+        return {"status": "ok" if t_warm <= budget else "over budget",
+                "time_ms": 1e3 * statistics.median(times), "time_min_ms": 1e3 * min(times),
+                "repeats": len(times), "peak_mem_mb": peak / 2**20, **info}
+
+    def run_case(self, family: str, n: int, method: str, budget: float, repeats: int) -> dict:
+        timed_call, t_warm, peak, info = self._prepare(family, n, method)
         times: list[float] = []
         if t_warm <= budget:
             for _ in range(repeats):
-                zero()
-                self.sync()
-                t0 = time.perf_counter()
-                step()
-                self.sync()
-                times.append(time.perf_counter() - t0)
+                times.append(timed_call())
                 if sum(times) + times[-1] > budget:
                     break
         else:
             times = [t_warm]  # over budget already: report the single (warm-up) call
-        zero()
-        return {"status": "ok" if t_warm <= budget else "over budget",
-                "time_ms": 1e3 * statistics.median(times), "time_min_ms": 1e3 * min(times),
-                "repeats": len(times), "peak_mem_mb": peak / 2**20, **info}
+        return self._result(times, t_warm, budget, peak, info)
+
+    def run_interleaved(self, family: str, n: int, methods: list[str], budget: float,
+                        repeats: int) -> dict[str, dict]:
+        """All ``methods`` of one size in one process, timed round by round (each method once
+        per round, in turn), so that drift of the machine's speed hits every method alike. Each
+        result also carries ``vs_base_rounds``: the median over rounds of its time over the
+        baseline's time in the same round (when the baseline is among ``methods``)."""
+        prepared, out = {}, {}
+        for m in methods:
+            try:
+                prepared[m] = self._prepare(family, n, m)
+            except Exception as e:  # noqa: BLE001 - one broken method must not stop the size
+                out[m] = {"status": "error", "note": f"{type(e).__name__}: {e}"[:150]}
+        times = {m: [] for m, p in prepared.items() if p[1] <= budget}
+        spent = 0.0
+        for _ in range(repeats):
+            for m, ts in times.items():
+                ts.append(prepared[m][0]())
+                spent += ts[-1]
+            if spent > budget * len(times):  # about one budget per method, as run_case
+                break
+        for m, (_, t_warm, peak, info) in prepared.items():
+            out[m] = self._result(times.get(m) or [t_warm], t_warm, budget, peak, info)
+            if m in times and BASELINE in times and m != BASELINE:
+                ratios = [t / t0 for t, t0 in zip(times[m], times[BASELINE], strict=True)]
+                out[m]["vs_base_rounds"] = statistics.median(ratios)
+        return out
 
 
 def _worker_main(conn, cfg: dict) -> None:
@@ -344,7 +385,8 @@ def _worker_main(conn, cfg: dict) -> None:
         if msg is None:
             break
         try:
-            res = runner.run_case(*msg)
+            res = (runner.run_interleaved(*msg[1:]) if msg[0] == "interleaved"
+                   else runner.run_case(*msg))
         except torch.OutOfMemoryError as e:
             res = {"status": "failed", "note": f"OOM: {str(e).splitlines()[0][:120]}"}
         except Exception as e:  # noqa: BLE001 - a broken method must not stop the benchmark
@@ -398,6 +440,8 @@ class Worker:
             if self.local is None:
                 self.start()
             try:
+                if case[0] == "interleaved":
+                    return self.local.run_interleaved(*case[1:])
                 return self.local.run_case(*case)
             except Exception as e:  # noqa: BLE001
                 return {"status": "error", "note": f"{type(e).__name__}: {e}"[:150]}
@@ -494,6 +538,7 @@ def run_benchmark(args) -> list[dict]:
     try:
         for fam, n in sizes:
             nodes = num_nodes(fam, n)
+            size_rows, runnable = [], []
             for m in methods:
                 key = (fam, m)
                 row = {**common, "family": fam, "size": size_label(fam, n), "nodes": nodes,
@@ -516,32 +561,49 @@ def run_benchmark(args) -> list[dict]:
                     row["note"] = (f"predicted {m_pred / 1024:.1f} GB > "
                                    f"{mem_limit / 2**30:.1f} GB")
                 else:
-                    t0 = time.perf_counter()
-                    row["load1"] = round(os.getloadavg()[0], 2)
-                    res = worker.run((fam, n, m, budget, repeats), hard_timeout)
-                    row.update({k: v for k, v in res.items() if k in row})
-                    if res["status"] in ("ok", "over budget"):
-                        # the fastest call: least disturbed by other processes
-                        hist_t.setdefault(key, []).append((nodes, res["time_min_ms"] / 1e3))
-                        hist_m.setdefault(key, []).append((nodes, max(res["peak_mem_mb"], 1e-3)))
-                    if res["status"] != "ok":
-                        blocked[key] = f"{res['status']} at {size_label(fam, n)}"
-                        if res["status"] == "over budget":
-                            row["note"] = f"one call took > {budget:g} s"
-                    print(f"[{time.perf_counter() - t_start:7.1f}s] {size_label(fam, n):>12} "
-                          f"{m:>10}: {row['status']:<10} "
-                          + (f"{row['time_ms']:10.1f} ms {row['peak_mem_mb']:9.1f} MB"
-                             if row["time_ms"] != "" else "")
-                          + f"  ({time.perf_counter() - t0:.1f} s)"
-                          + (f"  {row['note']}" if row["note"] else ""), flush=True)
-                rows.append(row)
+                    runnable.append(m)
+                size_rows.append(row)
+            results: dict[str, dict] = {}
+            t0 = time.perf_counter()
+            load1 = round(os.getloadavg()[0], 2)
+            if args.interleave and runnable:
+                got = worker.run(("interleaved", fam, n, runnable, budget, repeats),
+                                 hard_timeout * len(runnable))
+                # a dead or killed worker answers once for the whole size
+                results = {m: got for m in runnable} if "status" in got else got
+            for m in runnable if not args.interleave else ():
+                results[m] = worker.run((fam, n, m, budget, repeats), hard_timeout)
+            for row in size_rows:
+                m = row["method"]
+                if m not in results:
+                    continue
+                res, key = results[m], (fam, m)
+                row["load1"] = load1
+                row.update({k: v for k, v in res.items() if k in row})
+                if "vs_base_rounds" in res:
+                    row["vs_sdpa"] = res["vs_base_rounds"]
+                if res["status"] in ("ok", "over budget"):
+                    # the fastest call: least disturbed by other processes
+                    hist_t.setdefault(key, []).append((nodes, res["time_min_ms"] / 1e3))
+                    hist_m.setdefault(key, []).append((nodes, max(res["peak_mem_mb"], 1e-3)))
+                if res["status"] != "ok":
+                    blocked[key] = f"{res['status']} at {size_label(fam, n)}"
+                    if res["status"] == "over budget":
+                        row["note"] = f"one call took > {budget:g} s"
+                print(f"[{time.perf_counter() - t_start:7.1f}s] {size_label(fam, n):>12} "
+                      f"{m:>10}: {row['status']:<10} "
+                      + (f"{row['time_ms']:10.1f} ms {row['peak_mem_mb']:9.1f} MB"
+                         if row["time_ms"] != "" else "")
+                      + f"  ({time.perf_counter() - t0:.1f} s)"
+                      + (f"  {row['note']}" if row["note"] else ""), flush=True)
+            rows.extend(size_rows)
     finally:
         worker.stop()
-    # ratios against the SDPA baseline of the same size
+    # ratios against the SDPA baseline of the same size (interleaved: already per round)
     base = {r["size"]: r["time_ms"] for r in rows
             if r["method"] == BASELINE and r["status"] == "ok"}
     for r in rows:
-        if r["time_ms"] != "" and base.get(r["size"]):
+        if r["time_ms"] != "" and base.get(r["size"]) and r["vs_sdpa"] == "":
             r["vs_sdpa"] = r["time_ms"] / base[r["size"]]
     return rows
 
@@ -621,9 +683,13 @@ def markdown(rows: list[dict], args, total_s: float) -> str:
         f"{args.d_state}, {args.dtype}, device {args.device}, {args.threads} thread(s), "
         f"torch {torch.__version__}, OMP_WAIT_POLICY "
         f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}",
-        f"- time: median of up to {1 if args.quick else args.repeats} timed calls after one "
-        f"warm-up; budget {args.timeout_per_case:g} s per call; "
-        f"(Nx) = time / SDPA time at the same size",
+        (f"- time: median of up to {1 if args.quick else args.repeats} interleaved rounds "
+         f"after one warm-up per method (each round calls every method of a size once, in "
+         f"turn, in one process); (Nx) = the median over rounds of time / SDPA time in the "
+         f"same round" if args.interleave else
+         f"- time: median of up to {1 if args.quick else args.repeats} timed calls after one "
+         f"warm-up; budget {args.timeout_per_case:g} s per call; "
+         f"(Nx) = time / SDPA time at the same size"),
         f"- memory: {mem}",
         f"- total wall time {total_s:.0f} s; 1-min load average {args.load_start:.2f} at the "
         f"start, {args.load_end:.2f} at the end (above the thread count means other processes "
@@ -730,6 +796,10 @@ def parse_args(argv=None):
                    help="skip cases predicted above this peak (default 70%% of available)")
     p.add_argument("--quick", action="store_true",
                    help="smallest size per family, 1 timed repeat (used by the test)")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the methods of a size round by round in one process (each once "
+                        "per round), so that machine drift hits all alike; (Nx) becomes the "
+                        "median of per-round ratios. All of a size's inputs stay live at once")
     p.add_argument("--no-isolate", action="store_true",
                    help="run cases in this process (no worker; timeouts are not enforced)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench_mixer")

@@ -55,6 +55,26 @@ def test_quick_run_writes_csv_table_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_interleaved_run_times_every_method_round_by_round(tmp_path):
+    """``--interleave``: the methods of a size are timed in turn in one process; every row
+    still gets its time, memory and a per-round ratio to SDPA, and the table says so."""
+    out = tmp_path / "bench"
+    cmd = [sys.executable, str(SCRIPT), "--interleave", "--device", "cpu", "--out", str(out),
+           "--sizes", "grid:6", "--methods", "exact", "dag_scan", "sdpa", "--repeats", "3",
+           "--batch", "2", "--heads", "2", "--headdim", "8", "--d-state", "4", "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "bench_mixer.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"exact", "dag_scan", "sdpa"}
+    for m, r in rows.items():
+        assert r["status"] == "ok" and int(r["repeats"]) == 3, r
+        assert float(r["time_ms"]) > 0 and float(r["peak_mem_mb"]) > 0, r
+        if m != "sdpa":
+            assert float(r["vs_sdpa"]) > 0
+    assert "interleaved rounds" in (out / "bench_mixer.md").read_text()
+
+
 def test_peak_tensor_memory_tracker_counts_live_storages():
     mod = _load_module()
     x = torch.ones(1000)  # created before the mode: never counted

@@ -150,29 +150,47 @@ def neumann_sum_per_block(A: Tensor, K: Tensor) -> Tensor:
     (e.g. ``(1, G, 1)`` for blocks ``(b, G, H, n, n)``: one ``K`` per graph of a batch, as the
     paper's ``K = dia(G)`` is per graph). With ``m_g = K_g + 1`` terms written in binary, the
     powers ``Q_j = A^(2^j)`` and the sums ``T_j = sum_{k < 2^j} A^k`` (``T_{j+1} = T_j (I + Q_j)``)
-    are shared by all blocks, and each block adds ``P T_j`` (``P`` = the power reached so far) for
-    the bits of its own ``m_g``: about twice the products of :func:`neumann_sum`, still
-    ``O(log max K)``.
+    are built per block, and each block adds ``P T_j`` (``P`` = the power reached so far) for
+    the bits of its own ``m_g``: ``O(log max K)`` products.
+
+    Each step multiplies only the blocks that need it (gathered into a smaller batch and
+    scattered back): ``S`` and ``P`` change only where the block's bit ``j`` is set, ``T`` and
+    ``Q`` only while the block has higher bits. With the bits of a batch's ``K`` spread evenly
+    that is about 30% fewer ``n^3`` products than updating every block at every step.
     """
     K = torch.as_tensor(K, device=A.device)
     if K.numel() and int(K.min()) < 0:
         raise ValueError(f"the number of Neumann terms must be >= 0, got min K={int(K.min())}")
-    m = (K.long() + 1).expand(A.shape[:-2])[..., None, None]
-    eye = eye_like(A)
+    shape = A.shape
+    n = shape[-1]
+    m = (K.long() + 1).expand(shape[:-2]).reshape(-1)
+    A = A.reshape(-1, n, n)
+    eye = eye_like(A).expand_as(A)
     S = torch.zeros_like(A)
-    P = eye.expand_as(A)
-    T, Q = eye.expand_as(A), A
+    P = eye.clone()  # materialised: rows are gathered and scattered
+    T, Q = eye.clone(), A
     bits = int(m.max()).bit_length() if m.numel() else 0
-    for j in range(bits):
-        bit = ((m >> j) & 1).bool()
+
+    def update(X: Tensor, rows: Tensor, new: Tensor) -> Tensor:
         # powers of A decay into subnormals, which slow the products (see flush_tiny)
-        S = flush_tiny(torch.where(bit, S + P @ T, S))
+        new = flush_tiny(new)
+        return new if rows.numel() == X.shape[0] else X.index_copy(0, rows, new)
+
+    for j in range(bits):
+        on = torch.nonzero((m >> j) & 1).flatten()  # blocks whose bit j is set
+        if on.numel():
+            P_on = P.index_select(0, on)
+            S = update(S, on, S.index_select(0, on) + P_on @ T.index_select(0, on))
         if j == bits - 1:  # P, T and Q of the next bit would go unused
             break
-        P = flush_tiny(torch.where(bit, P @ Q, P))
-        T = flush_tiny(T + T @ Q)
-        Q = flush_tiny(Q @ Q)
-    return S
+        more = torch.nonzero(m >> (j + 1)).flatten()  # blocks with a higher bit
+        on = on[(m[on] >> (j + 1)) > 0]  # P is read again only by those
+        if on.numel():
+            P = update(P, on, P.index_select(0, on) @ Q.index_select(0, on))
+        T_m, Q_m = T.index_select(0, more), Q.index_select(0, more)
+        T = update(T, more, T_m + T_m @ Q_m)
+        Q = update(Q, more, Q_m @ Q_m)
+    return S.reshape(shape)
 
 
 def squaring_steps_for_nilpotent(longest_path: int) -> int:

@@ -64,12 +64,8 @@ def block_layout(topo: Topology) -> BlockLayout:
 def dense_adjacency(edge_weight: Tensor, topo: Topology, layout: BlockLayout) -> Tensor:
     """``A (batch, G, H, n, n)`` with ``A[.., i, j]`` = weight of edge ``j -> i`` (summed over
     parallel edges)."""
-    b, h, _ = edge_weight.shape
-    G, n = layout.num_graphs, layout.n_max
-    g = layout.slot[topo.dst] // n
-    flat = g * n * n + (layout.slot[topo.dst] % n) * n + (layout.slot[topo.src] % n)
-    A = edge_weight.new_zeros(b, h, G * n * n).index_add(-1, flat, edge_weight)
-    return A.view(b, h, G, n, n).transpose(1, 2)
+    graph, row, col = _edge_positions(topo, layout)
+    return _edge_blocks(edge_weight, graph, row, col, layout.num_graphs, layout.n_max)
 
 
 class _ScatterRows(torch.autograd.Function):
@@ -203,23 +199,25 @@ def _edge_weight_gradient(M: Tensor, L: Tensor, graph: Tensor, row: Tensor,
     return rows_m.mul_(rows_l).sum(-1).view(b, -1, h).transpose(1, 2)
 
 
-def _i_minus_a_blocks(w: Tensor, graph: Tensor, row: Tensor, col: Tensor, num_graphs: int,
-                      n: int) -> Tensor:
-    """``I - A`` as contiguous ``(b, G, H, n, n)`` blocks from the edge weights ``w (b, H, E)``
-    at block positions ``(graph, row, col)``; parallel edges add up (a self-loop lowers the
-    diagonal).
+def _edge_blocks(w: Tensor, graph: Tensor, row: Tensor, col: Tensor, num_graphs: int, n: int,
+                 i_minus: bool = False) -> Tensor:
+    """``A`` (or ``I - A`` with ``i_minus``) as contiguous ``(b, G, H, n, n)`` blocks from the
+    edge weights ``w (b, H, E)`` at block positions ``(graph, row, col)``; parallel edges add up
+    (a self-loop lowers the diagonal of ``I - A``).
 
-    The solvers below work on its transpose: ``T.mT`` is column-major, the layout LAPACK works
-    in (no transposing copy), and the solution of the transposed system comes back
-    column-major, i.e. its transpose - what we want - row-major (e.g. ``L = (T.mT)^-1.mT``; at
-    n = 394, 16 blocks: LU 43 -> 36 ms, triangular 17.5 -> 12.3 ms with the layouts as needed).
+    The solvers below work on the transpose of ``T = I - A``: ``T.mT`` is column-major, the
+    layout LAPACK works in (no transposing copy), and the solution of the transposed system
+    comes back column-major, i.e. its transpose - what we want - row-major (e.g.
+    ``L = (T.mT)^-1.mT``; at n = 394, 16 blocks: LU 43 -> 36 ms, triangular 17.5 -> 12.3 ms
+    with the layouts as needed).
     """
     b, h, E = w.shape
     heads = torch.arange(h, device=w.device).view(h, 1)
     flat = ((graph.view(1, E) * h + heads) * n + row.view(1, E)) * n + col.view(1, E)
     T = w.new_zeros(b, num_graphs, h, n, n)
-    T.diagonal(dim1=-2, dim2=-1).fill_(1.0)
-    T.view(b, -1).index_add_(-1, flat.flatten(), w.reshape(b, h * E), alpha=-1)
+    if i_minus:
+        T.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+    T.view(b, -1).index_add_(-1, flat.flatten(), w.reshape(b, h * E), alpha=-1 if i_minus else 1)
     return T
 
 
@@ -238,8 +236,8 @@ class _EdgeResolvent(torch.autograd.Function):
     @autocast_off
     def forward(ctx, w: Tensor, graph: Tensor, row: Tensor, col: Tensor, num_graphs: int,
                 n: int) -> Tensor:
-        T = _i_minus_a_blocks(w, graph, row, col, num_graphs, n)
-        # ((T^T)^-1)^T: row-major L (see _i_minus_a_blocks); subnormal entries would slow
+        T = _edge_blocks(w, graph, row, col, num_graphs, n, i_minus=True)
+        # ((T^T)^-1)^T: row-major L (see _edge_blocks); subnormal entries would slow
         # every product with L (see flush_tiny)
         L = flush_tiny(general_inverse(T.mT).mT)
         ctx.save_for_backward(L, graph, row, col)
@@ -303,10 +301,10 @@ class _TriangularResolvent(torch.autograd.Function):
     @autocast_off
     def forward(ctx, w: Tensor, graph: Tensor, row: Tensor, col: Tensor, num_graphs: int,
                 n: int, upper: bool) -> Tensor:
-        T = _i_minus_a_blocks(w, graph, row, col, num_graphs, n)
+        T = _edge_blocks(w, graph, row, col, num_graphs, n, i_minus=True)
         eye = torch.eye(n, dtype=w.dtype, device=w.device)
         with flush_denormal_cpu(w.device.type == "cpu"):
-            # L = ((T^T)^-1)^T: column-major input and row-major L (see _i_minus_a_blocks)
+            # L = ((T^T)^-1)^T: column-major input and row-major L (see _edge_blocks)
             L = torch.linalg.solve_triangular(T.mT, eye.expand_as(T), upper=not upper,
                                               unitriangular=True).mT
         L = flush_tiny(L)  # subnormals slow every product with L (see flush_tiny)

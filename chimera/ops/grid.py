@@ -56,7 +56,7 @@ def grid_frame(topo: Topology) -> dict | None:
 
     Keys: ``H, W``; ``corner`` (a name of ``GRID_CORNERS``); ``down`` (rows are swept from the
     top) and ``rightward`` (horizontal edges point to larger columns); ``horizontal`` (edge mask);
-    ``orig_of_frame`` / ``frame_of_orig`` (node permutations) and ``target`` (edge targets in
+    ``orig_of_frame`` (the node of each frame position) and ``target`` (edge targets in
     the frame).
     """
 
@@ -88,7 +88,7 @@ def grid_frame(topo: Topology) -> dict | None:
             return None
         return dict(H=H, W=W, corner=corner, down=corner.startswith("top"),
                     rightward=corner.endswith("left"), orig_of_frame=orig_of_frame,
-                    frame_of_orig=frame_of_orig, horizontal=horizontal, target=fd)
+                    horizontal=horizontal, target=fd)
 
     return topo._cached("grid_frame", build)
 

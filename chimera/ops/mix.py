@@ -241,11 +241,12 @@ def _mix_dag_rows_sum(V: Tensor, B: Tensor, C: Tensor, edge_weights: Sequence[Te
     b, T, h, _ = V.shape
     layout = dense.topological_layout(dags[0])
     triangles = [dense.triangle_of(d, layout) for d in dags]
-    if not all(triangles):
+    triangular = all(triangles)
+    if not triangular:
         layout = dense.block_layout(dags[0])
     masks: dict[int, Tensor] = {}
     for dag, w, g, s, tri in zip(dags, edge_weights, groups, scales, triangles, strict=True):
-        if all(triangles):
+        if triangular:
             L = dense.resolvent_dag_triangular(w, dag, layout, tri)  # (b, G, H, n, n)
         else:
             L = dense.resolvent_dag_rows(w, dag, layout)

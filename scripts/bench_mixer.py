@@ -563,22 +563,25 @@ def run_benchmark(args) -> list[dict]:
                 else:
                     runnable.append(m)
                 size_rows.append(row)
-            results: dict[str, dict] = {}
-            t0 = time.perf_counter()
-            load1 = round(os.getloadavg()[0], 2)
+            # per method: result, load at its start, wall seconds (interleaved: the size's)
+            results: dict[str, tuple[dict, float, float]] = {}
             if args.interleave and runnable:
+                load1, t0 = round(os.getloadavg()[0], 2), time.perf_counter()
                 got = worker.run(("interleaved", fam, n, runnable, budget, repeats),
                                  hard_timeout * len(runnable))
+                wall = time.perf_counter() - t0
                 # a dead or killed worker answers once for the whole size
-                results = {m: got for m in runnable} if "status" in got else got
+                results = {m: (got if "status" in got else got[m], load1, wall)
+                           for m in runnable}
             for m in runnable if not args.interleave else ():
-                results[m] = worker.run((fam, n, m, budget, repeats), hard_timeout)
+                load1, t0 = round(os.getloadavg()[0], 2), time.perf_counter()
+                res = worker.run((fam, n, m, budget, repeats), hard_timeout)
+                results[m] = (res, load1, time.perf_counter() - t0)
             for row in size_rows:
                 m = row["method"]
                 if m not in results:
                     continue
-                res, key = results[m], (fam, m)
-                row["load1"] = load1
+                (res, row["load1"], wall), key = results[m], (fam, m)
                 row.update({k: v for k, v in res.items() if k in row})
                 if "vs_base_rounds" in res:
                     row["vs_sdpa"] = res["vs_base_rounds"]
@@ -594,7 +597,7 @@ def run_benchmark(args) -> list[dict]:
                       f"{m:>10}: {row['status']:<10} "
                       + (f"{row['time_ms']:10.1f} ms {row['peak_mem_mb']:9.1f} MB"
                          if row["time_ms"] != "" else "")
-                      + f"  ({time.perf_counter() - t0:.1f} s)"
+                      + f"  ({wall:.1f} s)"
                       + (f"  {row['note']}" if row["note"] else ""), flush=True)
             rows.extend(size_rows)
     finally:

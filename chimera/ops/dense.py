@@ -17,6 +17,7 @@ from chimera.ops.linalg import (
     autocast_off,
     flush_denormal_cpu,
     flush_tiny,
+    flush_tiny_into,
     general_inverse,
     general_inverse_of_i_minus,
     neumann_sum,
@@ -383,20 +384,49 @@ def diagonally_dominant(edge_weight: Tensor, topo: Topology) -> bool:
     return bool((rows < 1).all())
 
 
-def _band_blocks(w: Tensor, graph: Tensor, row: Tensor, col: Tensor, num_graphs: int,
-                 nb: int, s: int) -> Tensor:
-    """The three block diagonals of ``I - A``: ``(b, G, H, nb, 3, s, s)`` with ``[..., i, 0]`` =
-    block ``(i, i-1)``, ``[..., i, 1]`` = ``(i, i)`` and ``[..., i, 2]`` = ``(i, i+1)``."""
-    b, h, E = w.shape
+def _band_entry_index(graph: Tensor, row: Tensor, col: Tensor, h: int, nb: int,
+                      s: int) -> Tensor:
+    """``(h, E)``: each (head, edge)'s flat index among the ``(G, H, nb, 3, s, s)`` block
+    diagonals of :func:`_band_blocks` (per batch element)."""
+    E = graph.numel()
     bi, bj = row // s, col // s
     side = bj - bi + 1  # 0 below the diagonal block, 1 on it, 2 above
-    heads = torch.arange(h, device=w.device).view(h, 1)
-    flat = ((((graph.view(1, E) * h + heads) * nb + bi.view(1, E)) * 3 + side.view(1, E)) * s
+    heads = torch.arange(h, device=graph.device).view(h, 1)
+    return ((((graph.view(1, E) * h + heads) * nb + bi.view(1, E)) * 3 + side.view(1, E)) * s
             + (row % s).view(1, E)) * s + (col % s).view(1, E)
+
+
+def _band_blocks(w: Tensor, flat: Tensor, num_graphs: int, nb: int, s: int) -> Tensor:
+    """The three block diagonals of ``I - A``: ``(b, G, H, nb, 3, s, s)`` with ``[..., i, 0]`` =
+    block ``(i, i-1)``, ``[..., i, 1]`` = ``(i, i)`` and ``[..., i, 2]`` = ``(i, i+1)``;
+    ``flat`` from :func:`_band_entry_index`."""
+    b, h, E = w.shape
     blocks = w.new_zeros(b, num_graphs, h, nb, 3, s, s)
     blocks[..., 1, :, :].diagonal(dim1=-2, dim2=-1).fill_(1.0)
     blocks.view(b, -1).index_add_(-1, flat.flatten(), w.reshape(b, h * E), alpha=-1)
     return blocks
+
+
+def _band_edge_gradient(M: Tensor, L: Tensor, flat: Tensor, b: int) -> Tensor:
+    """``dw (b, H, E)``, ``dw_e = <M[row_e, :], L[col_e, :]>`` as in
+    :func:`_edge_weight_gradient`, for ``M, L (m, nb, s, n)`` in a band layout: every edge joins
+    the same or neighbouring blocks of ``s`` rows, so ``dA``'s three block diagonals
+    ``M_i L_jᵀ`` (``|i - j| <= 1``) hold all the edges' entries.
+
+    Why: three batched ``(s x n) @ (n x s)`` products run near the CPU's peak, where gathering
+    two rows of ``n`` per edge and head was memory-bound (about 3x the time on 64 peptides).
+    """
+    m, nb, s, n = M.shape
+    Mf, Lf = M.reshape(m * nb, s, n), L.reshape(m * nb, s, n)
+    # (3, m nb, s, s) like _band_blocks' sides; across a graph boundary the shifted pairs are
+    # products of unrelated blocks, which no edge index reads
+    P = M.new_zeros(3, m * nb, s, s)
+    torch.bmm(Mf[1:], Lf[:-1].mT, out=P[0, 1:])
+    torch.bmm(Mf, Lf.mT, out=P[1])
+    torch.bmm(Mf[:-1], Lf[1:].mT, out=P[2, :-1])
+    P = P.view(3, m * nb, s * s).transpose(0, 1).reshape(b, -1)  # _band_entry_index's order
+    h, E = flat.shape
+    return P.gather(-1, flat.view(1, -1).expand(b, -1)).view(b, h, E)
 
 
 class _BandedResolvent(torch.autograd.Function):
@@ -414,63 +444,74 @@ class _BandedResolvent(torch.autograd.Function):
 
     @staticmethod
     @autocast_off
-    def forward(ctx, w: Tensor, graph: Tensor, row: Tensor, col: Tensor, num_graphs: int,
-                nb: int, s: int) -> Tensor:
+    def forward(ctx, w: Tensor, flat: Tensor, num_graphs: int, nb: int, s: int) -> Tensor:
         b, h, _ = w.shape
         n = nb * s
-        blocks = _band_blocks(w, graph, row, col, num_graphs, nb, s).view(-1, nb, 3, s, s)
-        m = blocks.shape[0]
-        lo, dg, up = blocks[:, :, 0], blocks[:, :, 1], blocks[:, :, 2]
+        m = b * num_graphs * h
+        # block-row-major (nb, ., m, s, s) / (nb, m, s, n): every step reads and writes whole
+        # contiguous (m, s, .) batches, so the products go straight into their targets (out=,
+        # in-place baddbmm) instead of fresh tensors copied into strided block rows
+        blocks = _band_blocks(w, flat, num_graphs, nb, s).view(m, nb, 3, s, s)
+        blocks = blocks.permute(1, 2, 0, 3, 4).contiguous()
+        lo, dg, up = blocks[:, 0], blocks[:, 1], blocks[:, 2]
         cpu = w.device.type == "cpu"
-        # products into fresh tensors, then one in-place update of the strided block row:
-        # an in-place batched product into a strided view falls back to one GEMM per matrix
         with flush_denormal_cpu(cpu):
             d_inv = torch.empty_like(dg)
             g = torch.zeros_like(dg)  # G_i; G_0 unused
             f = torch.zeros_like(dg)  # F_i; F_0 unused
-            d_inv[:, 0] = general_inverse(dg[:, 0])
+            d_inv[0] = general_inverse(dg[0])
             for i in range(1, nb):
-                g[:, i] = torch.bmm(d_inv[:, i - 1], up[:, i - 1])
-                f[:, i] = torch.bmm(lo[:, i], d_inv[:, i - 1])
-                d_inv[:, i] = general_inverse(dg[:, i] - torch.bmm(lo[:, i], g[:, i]))
-            X = w.new_zeros(m, nb, s, n)  # Y, then overwritten block row by block row by X
-            X.view(m, n, n).diagonal(dim1=-2, dim2=-1).fill_(1.0)
+                torch.bmm(d_inv[i - 1], up[i - 1], out=g[i])
+                torch.bmm(lo[i], d_inv[i - 1], out=f[i])
+                d_inv[i] = general_inverse(torch.baddbmm(dg[i], lo[i], g[i], alpha=-1))
+            X = w.new_zeros(nb, m, s, n)  # Y, then overwritten block row by block row by X
+            X.view(nb, m, s, nb, s).diagonal(dim1=0, dim2=3).diagonal(dim1=1, dim2=2).fill_(1.0)
             for i in range(1, nb):  # Y_{i-1} is zero from column i s on
                 c = i * s
-                X[:, i, :, :c].sub_(torch.bmm(f[:, i], X[:, i - 1, :, :c]))
-            X[:, nb - 1] = torch.bmm(d_inv[:, nb - 1], X[:, nb - 1])
+                X[i, :, :, :c].baddbmm_(f[i], X[i - 1, :, :, :c], alpha=-1)
+            buf = torch.empty_like(X[0])
+            torch.bmm(d_inv[nb - 1], X[nb - 1], out=buf)
+            X[nb - 1].copy_(buf)
             for i in range(nb - 2, -1, -1):
-                X[:, i] = torch.bmm(d_inv[:, i], X[:, i] - torch.bmm(up[:, i], X[:, i + 1]))
-        L = flush_tiny(X.view(b, num_graphs, h, n, n))  # subnormals slow products (flush_tiny)
-        ctx.save_for_backward(L, d_inv, g, lo, graph, row, col)
-        return L
+                torch.baddbmm(X[i], up[i], X[i + 1], alpha=-1, out=buf)
+                torch.bmm(d_inv[i], buf, out=X[i])
+        # back to (m, n, n) and flushed (subnormals slow every product with L) in one pass
+        L = flush_tiny_into(X.transpose(0, 1), X.new_empty(m, nb, s, n))
+        ctx.save_for_backward(L, d_inv, g, lo, flat)
+        return L.view(b, num_graphs, h, n, n)
 
     @staticmethod
     def backward(ctx, gL: Tensor):
-        L, d_inv, g, lo, graph, row, col = ctx.saved_tensors
-        m, nb, s, _ = d_inv.shape
+        L, d_inv, g, lo, flat = ctx.saved_tensors
+        nb, m, s, _ = d_inv.shape
         n = nb * s
-        R = gL.reshape(m, nb, s, n)
         with flush_denormal_cpu(gL.device.type == "cpu"):
-            Z = R.clone()  # then overwritten block row by block row by M
+            Z = gL.new_empty(nb, m, s, n)  # (I - A)^-T gL, block row by block row
+            Z.copy_(gL.reshape(m, nb, s, n).transpose(0, 1))
             for i in range(1, nb):
-                Z[:, i].sub_(torch.bmm(g[:, i].mT, Z[:, i - 1]))
-            Z[:, nb - 1] = torch.bmm(d_inv[:, nb - 1].mT, Z[:, nb - 1])
+                Z[i].baddbmm_(g[i].mT, Z[i - 1], alpha=-1)
+            buf = torch.empty_like(Z[0])
+            torch.bmm(d_inv[nb - 1].mT, Z[nb - 1], out=buf)
+            Z[nb - 1].copy_(buf)
             for i in range(nb - 2, -1, -1):
-                Z[:, i] = torch.bmm(d_inv[:, i].mT,
-                                    Z[:, i] - torch.bmm(lo[:, i + 1].mT, Z[:, i + 1]))
-            M = Z
-        M = flush_tiny(M.view(L.shape))
-        return (_edge_weight_gradient(M, L, graph, row, col),
-                None, None, None, None, None, None)
+                torch.baddbmm(Z[i], lo[i + 1].mT, Z[i + 1], alpha=-1, out=buf)
+                torch.bmm(d_inv[i].mT, buf, out=Z[i])
+            M = flush_tiny_into(Z.transpose(0, 1), Z.new_empty(m, nb, s, n))
+            dw = _band_edge_gradient(M, L, flat, gL.shape[0])
+        return dw, None, None, None, None
 
 
 def resolvent_banded(edge_weight: Tensor, topo: Topology, band: BandLayout) -> Tensor:
     """``L (b, G, H, n, n)`` in ``band.layout`` by the block-tridiagonal elimination of
     :class:`_BandedResolvent` (needs a diagonally dominant ``I - A``)."""
-    graph, row, col = _edge_positions(topo, band.layout)
-    return _BandedResolvent.apply(edge_weight, graph, row, col, band.layout.num_graphs,
-                                  band.num_blocks, band.block)
+    h, nb, s = edge_weight.shape[1], band.num_blocks, band.block
+
+    def build() -> Tensor:
+        graph, row, col = _edge_positions(topo, band.layout)
+        return _band_entry_index(graph, row, col, h, nb, s)
+
+    flat = _cached_per_layout(topo, band.layout, f"band_entry_index_{h}", build)
+    return _BandedResolvent.apply(edge_weight, flat, band.layout.num_graphs, nb, s)
 
 
 def resolvent_dag_rows(edge_weight: Tensor, topo: Topology, layout: BlockLayout) -> Tensor:

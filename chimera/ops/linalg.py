@@ -116,6 +116,12 @@ def flush_tiny(x: Tensor) -> Tensor:
     return torch.nn.functional.hardshrink(x, torch.finfo(x.dtype).tiny ** 0.5)
 
 
+def flush_tiny_into(x: Tensor, out: Tensor) -> Tensor:
+    """:func:`flush_tiny` written into ``out`` (same shape, any strides of ``x``): a layout
+    change and the flush in one pass, without a fresh buffer. Not differentiable."""
+    return torch.hardshrink(x, torch.finfo(x.dtype).tiny ** 0.5, out=out)
+
+
 def neumann_sum(A: Tensor, K: int) -> Tensor:
     """``sum_{k=0}^{K} A^k`` with O(log K) matrix products.
 

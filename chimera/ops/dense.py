@@ -22,6 +22,7 @@ from chimera.ops.linalg import (
     general_inverse_of_i_minus,
     neumann_sum,
     neumann_sum_per_block,
+    single_threaded_cpu,
     squaring_steps_for_nilpotent,
 )
 from chimera.ops.scan import dag_resolvent_rows
@@ -139,8 +140,39 @@ def sma_apply(L: Tensor, V: Tensor, B: Tensor, C: Tensor, layout: BlockLayout) -
         # P = 32 the score products were 2/3 of the SMA's arithmetic, 4x over for 4 heads)
         B, C = B[:, :, :1], C[:, :, :1]
     Vd, Bd, Cd = (to_head_blocks(t, layout) for t in (V, B, C))
-    scores = Cd @ Bd.transpose(-1, -2)  # (b, G, H or 1, n, n)
-    return from_head_blocks((L * scores) @ Vd, layout)
+    return from_head_blocks(_MaskedAttention.apply(L, Vd, Bd, Cd), layout)
+
+
+class _MaskedAttention(torch.autograd.Function):
+    """``Y = (L ∘ C Bᵀ) V`` on blocks: ``L (.., H, n, n)``, ``V (.., H, n, P)``, ``B, C`` with
+    ``H`` or 1 (shared by the heads) on the head axis.
+
+    Why a Function: autograd's backward makes four ``n^2``-per-head tensors (``gM = gY Vᵀ``,
+    ``gM ∘ S``, ``gM ∘ L`` and its head sum); here ``gM`` becomes ``gL`` in place and, with
+    shared scores, ``sum_h gM ∘ L`` is accumulated head by head into one ``n^2`` tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, L: Tensor, V: Tensor, B: Tensor, C: Tensor) -> Tensor:
+        S = C @ B.transpose(-1, -2)  # (.., H or 1, n, n)
+        M = L * S
+        ctx.save_for_backward(L, V, B, C, S, M)
+        return M @ V
+
+    @staticmethod
+    def backward(ctx, gY: Tensor):
+        L, V, B, C, S, M = ctx.saved_tensors
+        gY = gY.contiguous()
+        gM = gY @ V.transpose(-1, -2)
+        gV = M.transpose(-1, -2) @ gY
+        if S.shape[-3] == 1:  # scores shared by the heads: accumulate gM ∘ L head by head
+            gS = gM[..., :1, :, :] * L[..., :1, :, :]
+            for k in range(1, L.shape[-3]):
+                gS.addcmul_(gM[..., k:k + 1, :, :], L[..., k:k + 1, :, :])
+        else:
+            gS = gM * L
+        gC, gB = gS @ B, gS.transpose(-1, -2) @ C
+        return gM.mul_(S), gV, gB, gC
 
 
 def _shared_across_heads(t: Tensor) -> bool:
@@ -455,15 +487,19 @@ class _BandedResolvent(torch.autograd.Function):
         blocks = blocks.permute(1, 2, 0, 3, 4).contiguous()
         lo, dg, up = blocks[:, 0], blocks[:, 1], blocks[:, 2]
         cpu = w.device.type == "cpu"
-        with flush_denormal_cpu(cpu):
+        # one thread with flush-to-zero: the decaying entries of X turn subnormal, and the flag
+        # only holds on the calling thread (two threads: the sweeps 12 -> 30 ms on 64 peptides)
+        with single_threaded_cpu(cpu), flush_denormal_cpu(cpu):
             d_inv = torch.empty_like(dg)
             g = torch.zeros_like(dg)  # G_i; G_0 unused
-            f = torch.zeros_like(dg)  # F_i; F_0 unused
-            d_inv[0] = general_inverse(dg[0])
+            # the D_i are strictly diagonally dominant like I - A (Schur complements keep it):
+            # never singular, so the unchecked batched inverse
+            d_inv[0] = torch.linalg.inv_ex(dg[0])[0]
             for i in range(1, nb):
                 torch.bmm(d_inv[i - 1], up[i - 1], out=g[i])
-                torch.bmm(lo[i], d_inv[i - 1], out=f[i])
-                d_inv[i] = general_inverse(torch.baddbmm(dg[i], lo[i], g[i], alpha=-1))
+                d_inv[i] = torch.linalg.inv_ex(torch.baddbmm(dg[i], lo[i], g[i], alpha=-1))[0]
+            f = torch.zeros_like(dg)  # F_i = T_{i,i-1} D_{i-1}^-1; F_0 unused
+            torch.bmm(lo[1:].flatten(0, 1), d_inv[:-1].flatten(0, 1), out=f[1:].flatten(0, 1))
             X = w.new_zeros(nb, m, s, n)  # Y, then overwritten block row by block row by X
             X.view(nb, m, s, nb, s).diagonal(dim1=0, dim2=3).diagonal(dim1=1, dim2=2).fill_(1.0)
             for i in range(1, nb):  # Y_{i-1} is zero from column i s on
@@ -485,7 +521,8 @@ class _BandedResolvent(torch.autograd.Function):
         L, d_inv, g, lo, flat = ctx.saved_tensors
         nb, m, s, _ = d_inv.shape
         n = nb * s
-        with flush_denormal_cpu(gL.device.type == "cpu"):
+        cpu = gL.device.type == "cpu"
+        with single_threaded_cpu(cpu), flush_denormal_cpu(cpu):  # as in the forward
             Z = gL.new_empty(nb, m, s, n)  # (I - A)^-T gL, block row by block row
             Z.copy_(gL.reshape(m, nb, s, n).transpose(0, 1))
             for i in range(1, nb):
@@ -496,9 +533,8 @@ class _BandedResolvent(torch.autograd.Function):
             for i in range(nb - 2, -1, -1):
                 torch.baddbmm(Z[i], lo[i + 1].mT, Z[i + 1], alpha=-1, out=buf)
                 torch.bmm(d_inv[i].mT, buf, out=Z[i])
-            M = flush_tiny_into(Z.transpose(0, 1), Z.new_empty(m, nb, s, n))
-            dw = _band_edge_gradient(M, L, flat, gL.shape[0])
-        return dw, None, None, None, None
+        M = flush_tiny_into(Z.transpose(0, 1), Z.new_empty(m, nb, s, n))
+        return _band_edge_gradient(M, L, flat, gL.shape[0]), None, None, None, None
 
 
 def resolvent_banded(edge_weight: Tensor, topo: Topology, band: BandLayout) -> Tensor:

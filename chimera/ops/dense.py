@@ -502,10 +502,13 @@ class _BandedResolvent(torch.autograd.Function):
             torch.bmm(lo[1:].flatten(0, 1), d_inv[:-1].flatten(0, 1), out=f[1:].flatten(0, 1))
             X = w.new_zeros(nb, m, s, n)  # Y, then overwritten block row by block row by X
             X.view(nb, m, s, nb, s).diagonal(dim1=0, dim2=3).diagonal(dim1=1, dim2=2).fill_(1.0)
+            buf = torch.empty_like(X[0])
             for i in range(1, nb):  # Y_{i-1} is zero from column i s on
                 c = i * s
-                X[i, :, :, :c].baddbmm_(f[i], X[i - 1, :, :, :c], alpha=-1)
-            buf = torch.empty_like(X[0])
+                # a product into a column slice falls back to one GEMM per matrix: via buf
+                out = buf.view(-1)[: m * s * c].view(m, s, c)
+                prod = torch.bmm(f[i], X[i - 1, :, :, :c], out=out)
+                X[i, :, :, :c].sub_(prod)
             torch.bmm(d_inv[nb - 1], X[nb - 1], out=buf)
             X[nb - 1].copy_(buf)
             for i in range(nb - 2, -1, -1):

@@ -439,24 +439,24 @@ def _band_blocks(w: Tensor, flat: Tensor, num_graphs: int, nb: int, s: int) -> T
     return blocks
 
 
-def _band_edge_gradient(M: Tensor, L: Tensor, flat: Tensor, b: int) -> Tensor:
+def _band_edge_gradient(M: Tensor, L_padded: Tensor, flat: Tensor, b: int) -> Tensor:
     """``dw (b, H, E)``, ``dw_e = <M[row_e, :], L[col_e, :]>`` as in
-    :func:`_edge_weight_gradient`, for ``M, L (m, nb, s, n)`` in a band layout: every edge joins
-    the same or neighbouring blocks of ``s`` rows, so ``dA``'s three block diagonals
-    ``M_i L_jᵀ`` (``|i - j| <= 1``) hold all the edges' entries.
+    :func:`_edge_weight_gradient`, for ``M (m, nb, s, n)`` in a band layout and ``L`` the same
+    shape stored as rows ``s .. s + m n`` of ``L_padded (m n + 2 s, n)`` (zero rows around it).
+    Every edge joins the same or neighbouring blocks of ``s`` rows, so ``dA``'s three block
+    diagonals ``M_i L_jᵀ`` (``|i - j| <= 1``) hold all the edges' entries.
 
-    Why: three batched ``(s x n) @ (n x s)`` products run near the CPU's peak, where gathering
-    two rows of ``n`` per edge and head was memory-bound (about 3x the time on 64 peptides).
+    Why: one batched ``(s x n) @ (n x 3s)`` product of each block row of ``M`` with the window
+    of ``3 s`` rows of ``L`` around it (overlapping strided views, no copy) runs near the CPU's
+    peak, where gathering two rows of ``n`` per edge and head was memory-bound (about 3x the
+    time on 64 peptides), and three ``s``-wide products took ~40% longer.
     """
     m, nb, s, n = M.shape
-    Mf, Lf = M.reshape(m * nb, s, n), L.reshape(m * nb, s, n)
-    # (3, m nb, s, s) like _band_blocks' sides; across a graph boundary the shifted pairs are
-    # products of unrelated blocks, which no edge index reads
-    P = M.new_zeros(3, m * nb, s, s)
-    torch.bmm(Mf[1:], Lf[:-1].mT, out=P[0, 1:])
-    torch.bmm(Mf, Lf.mT, out=P[1])
-    torch.bmm(Mf[:-1], Lf[1:].mT, out=P[2, :-1])
-    P = P.view(3, m * nb, s * s).transpose(0, 1).reshape(b, -1)  # _band_entry_index's order
+    # window k = rows (k - 1) s .. (k + 2) s of L; across a graph boundary it holds rows of
+    # unrelated blocks, which no edge index reads
+    windows = L_padded.as_strided((m * nb, 3 * s, n), (s * n, n, 1))
+    P = torch.bmm(M.reshape(m * nb, s, n), windows.mT)  # (m nb, s, 3 s)
+    P = P.view(m * nb, s, 3, s).transpose(1, 2).reshape(b, -1)  # _band_entry_index's order
     h, E = flat.shape
     return P.gather(-1, flat.view(1, -1).expand(b, -1)).view(b, h, E)
 
@@ -515,13 +515,17 @@ class _BandedResolvent(torch.autograd.Function):
                 torch.baddbmm(X[i], up[i], X[i + 1], alpha=-1, out=buf)
                 torch.bmm(d_inv[i], buf, out=X[i])
         # back to (m, n, n) and flushed (subnormals slow every product with L) in one pass
-        L = flush_tiny_into(X.transpose(0, 1), X.new_empty(m, nb, s, n))
-        ctx.save_for_backward(L, d_inv, g, lo, flat)
+        # with s zero rows before and after, for the edge gradient's windows
+        L_padded = X.new_empty(m * n + 2 * s, n)
+        L_padded[:s].zero_()
+        L_padded[-s:].zero_()
+        L = flush_tiny_into(X.transpose(0, 1), L_padded[s:-s].view(m, nb, s, n))
+        ctx.save_for_backward(L_padded, d_inv, g, lo, flat)
         return L.view(b, num_graphs, h, n, n)
 
     @staticmethod
     def backward(ctx, gL: Tensor):
-        L, d_inv, g, lo, flat = ctx.saved_tensors
+        L_padded, d_inv, g, lo, flat = ctx.saved_tensors
         nb, m, s, _ = d_inv.shape
         n = nb * s
         cpu = gL.device.type == "cpu"
@@ -537,7 +541,7 @@ class _BandedResolvent(torch.autograd.Function):
                 torch.baddbmm(Z[i], lo[i + 1].mT, Z[i + 1], alpha=-1, out=buf)
                 torch.bmm(d_inv[i].mT, buf, out=Z[i])
         M = flush_tiny_into(Z.transpose(0, 1), Z.new_empty(m, nb, s, n))
-        return _band_edge_gradient(M, L, flat, gL.shape[0]), None, None, None, None
+        return _band_edge_gradient(M, L_padded, flat, gL.shape[0]), None, None, None, None
 
 
 def resolvent_banded(edge_weight: Tensor, topo: Topology, band: BandLayout) -> Tensor:

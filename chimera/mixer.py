@@ -372,9 +372,7 @@ class ChimeraMixer(nn.Module):
         """in_proj -> local conv + SiLU -> ``(z, V, B, C, delta, psi, delta_edge)``."""
         b, T, _ = x.shape
         h, P, N, ng = self.nheads, self.headdim, self.d_state, self.num_groups
-        proj = self.in_proj(x)
-        z, xbc, dt, psi = torch.split(
-            proj, [self.d_inner, self.conv_dim, ng * h, self.n_psi], dim=-1)
+        z, xbc, dt, psi = self._in_proj(x, [self.d_inner, self.conv_dim, ng * h, self.n_psi])
         if seg is None:
             xbc = F.silu(self.local_conv(xbc, topology))
         else:
@@ -388,6 +386,19 @@ class ChimeraMixer(nn.Module):
             delta_edge = F.softplus(self.edge_proj(edge_attr.to(x.dtype)))  # (E, groups*h)
             delta_edge = delta_edge.reshape(-1, ng, h)
         return z, V, Bs, Cs, delta, psi, delta_edge
+
+    def _in_proj(self, x: Tensor, sizes: list[int]) -> list[Tensor]:
+        """``in_proj(x)`` split into ``sizes``, one product per part with a slice of the weight:
+        each part comes out contiguous (the local convolution reads ``xbc`` as is) and the
+        backward has no concatenation of the parts' gradients (64 peptides: ~13 ms of the graph
+        layer's forward + backward on one thread)."""
+        weight, bias = self.in_proj.weight, self.in_proj.bias
+        parts, start = [], 0
+        for size in sizes:
+            b = None if bias is None else bias[start:start + size]
+            parts.append(F.linear(x, weight[start:start + size], b))
+            start += size
+        return parts
 
     def _mix(self, V: Tensor, Bs: Tensor, Cs: Tensor, delta: Tensor, psi: Tensor,
              delta_edge: Tensor | None, topology: Topology, seg: Segments | None, *,

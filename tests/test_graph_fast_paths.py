@@ -596,3 +596,37 @@ def test_graph_conv_sparse_product_matches_the_gathers(batch: int):
     assert torch.autograd.gradcheck(lambda x, *ps: conv(x, topo), [x, *params])
     xb = x.detach().bfloat16()
     torch.testing.assert_close(conv.bfloat16()(xb, topo), conv.reference(xb, topo))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_masked_attention_function_matches_autograd(shared: bool):
+    """``dense.sma_apply``'s Function (its in-place backward) against autograd through the
+    plain ``(L ∘ C Bᵀ) V``, with B/C shared by the heads (the mixer's case) or per head, and
+    gradcheck."""
+    topo = _cycle_batch(parallel=False)
+    layout = dense.block_layout(topo)
+    V, B, C, w = random_inputs(topo, b=2, h=3)
+    if shared:  # one group, expanded over the heads inside the call (stride 0, as the mixer's)
+        B, C = B[:, :, :1], C[:, :, :1]
+    L = dense.resolvent_reference(dense.dense_adjacency(_small_weights(topo, w), topo, layout))
+
+    def heads(t: Tensor) -> Tensor:
+        return t.expand(*V.shape[:3], t.shape[-1])
+
+    def fast(L, V, B, C):
+        if shared:
+            assert dense._shared_across_heads(heads(B))
+        return dense.sma_apply(L, V, heads(B), heads(C), layout)
+
+    def plain(L, V, B, C):
+        Vd, Bd, Cd = (dense.to_head_blocks(t, layout) for t in (V, heads(B), heads(C)))
+        return dense.from_head_blocks((L * (Cd @ Bd.transpose(-1, -2))) @ Vd, layout)
+
+    ins = [L, V, B, C]
+    y, g = _grads(fast, ins)
+    y_ref, g_ref = _grads(plain, ins)
+    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    args = [t.detach().clone().requires_grad_(True) for t in ins]
+    assert torch.autograd.gradcheck(fast, args)

@@ -140,6 +140,9 @@ def sma_apply(L: Tensor, V: Tensor, B: Tensor, C: Tensor, layout: BlockLayout) -
         # P = 32 the score products were 2/3 of the SMA's arithmetic, 4x over for 4 heads)
         B, C = B[:, :, :1], C[:, :, :1]
     Vd, Bd, Cd = (to_head_blocks(t, layout) for t in (V, B, C))
+    if torch.is_autocast_enabled(L.device.type):
+        # mixed precision: the plain ops, whose products autocast casts (and autograd follows)
+        return from_head_blocks((L * (Cd @ Bd.transpose(-1, -2))) @ Vd, layout)
     return from_head_blocks(_MaskedAttention.apply(L, Vd, Bd, Cd), layout)
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from chimera.buckets import bucket_threads, mix_buckets_threaded
 from chimera.local_conv import ConvKind, conv_kind_for, make_local_conv
 from chimera.norm import (
     dag_normalize,
@@ -347,6 +348,19 @@ class ChimeraMixer(nn.Module):
         if node_perm.numel() != x.shape[1]:
             raise ValueError(f"the buckets hold {node_perm.numel()} nodes, x has {x.shape[1]}")
         sizes = [int(n.numel()) for n in nodes]
+        workers = min(bucket_threads(x.device), len(buckets))
+        if workers > 1:
+            def mix_one(k, Vk, Bk, Ck, dk, pk, dek):
+                sub = buckets[k][2].to(x.device)
+                return self._mix(Vk, Bk, Ck, dk, pk, dek, sub, None,
+                                 method=None if methods is None else methods[k],
+                                 num_terms=None if num_terms is None else num_terms[k])
+
+            # the cost of a bucket's dense mixing grows like graphs x n^2
+            cost = [len(b[2].ptr) * float(b[2].ptr.diff().max()) ** 2 for b in buckets]
+            y = mix_buckets_threaded(mix_one, (V, Bs, Cs, delta, psi), delta_edge, [self.A_log],
+                                     nodes, [b[1] for b in buckets], cost, workers)
+            return self._output(y, V, z)
         # one gather per tensor into bucket order, then views per bucket (not one gather each)
         per_bucket = [t.index_select(1, node_perm).split(sizes, dim=1)
                       for t in (V, Bs, Cs, delta, psi)]

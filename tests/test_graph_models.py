@@ -204,23 +204,37 @@ def test_dag_auto_picks_rows_by_the_largest_graph_and_agrees_with_the_oracle():
         ChimeraGraphConv(8, graphs_per_bucket=0)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("method,k_mode", [("exact", "diameter"), ("neumann", "diameter"),
                                            ("neumann", "max_nodes"), ("dag", "diameter")])
-def test_layer_buckets_equal_one_call_with_gradients(method, k_mode):
+def test_layer_buckets_equal_one_call_with_gradients(method, k_mode, threads):
     """The layer's own size buckets (no ``topology`` given) give the one-call result, values and
-    gradients (float64); ``k_mode="max_nodes"`` keeps the whole batch's K."""
+    gradients (float64); ``k_mode="max_nodes"`` keeps the whole batch's K. With two CPU threads
+    the buckets run concurrently (``chimera.buckets``), forward and backward."""
+    import chimera.buckets
+
     torch.manual_seed(5)
     b = batch_of([ring_with_tail(9), path(5), ring_with_tail(14), path(7), ring_with_tail(11)],
                  [9, 5, 14, 7, 11])
     outs = []
-    for per_bucket in (None, 2):
-        torch.manual_seed(5)
-        conv = ChimeraGraphConv(8, edge_dim=3, method=method, graphs_per_bucket=per_bucket,
-                                k_mode=k_mode, **SMALL).double()
-        x = b.x.clone().requires_grad_(True)
-        y = conv(x, b.edge_index, b.edge_attr, b.batch)
-        y.square().sum().backward()
-        outs.append((y.detach(), x.grad, *(p.grad for p in conv.parameters())))
+    calls = []
+    apply = chimera.buckets._ThreadedBuckets.apply
+    before = torch.get_num_threads()
+    try:
+        chimera.buckets._ThreadedBuckets.apply = lambda *a: calls.append(1) or apply(*a)
+        torch.set_num_threads(threads)
+        for per_bucket in (None, 2):
+            torch.manual_seed(5)
+            conv = ChimeraGraphConv(8, edge_dim=3, method=method, graphs_per_bucket=per_bucket,
+                                    k_mode=k_mode, **SMALL).double()
+            x = b.x.clone().requires_grad_(True)
+            y = conv(x, b.edge_index, b.edge_attr, b.batch)
+            y.square().sum().backward()
+            outs.append((y.detach(), x.grad, *(p.grad for p in conv.parameters())))
+    finally:
+        chimera.buckets._ThreadedBuckets.apply = apply
+        torch.set_num_threads(before)
+    assert bool(calls) == (threads > 1)
     assert all(g is not None for g in outs[1])  # every parameter gets a gradient
     for a, c in zip(outs[0], outs[1], strict=True):
         torch.testing.assert_close(c, a, atol=1e-9, rtol=1e-7)

@@ -1,0 +1,134 @@
+"""Size buckets of a graph batch mixed concurrently on CPU threads (forward and backward).
+
+Why: on a CPU the exact resolvent of a bucket (``chimera.ops.dense._BandedResolvent``) is a
+chain of small sequential products that must run on one thread (flush-to-zero is a per-thread
+flag, and subnormals on a second thread tripled its time), so a second core sat idle for half
+of a graph layer. The buckets are independent, so here each one runs whole - normalisation,
+resolvent, masked product - on its own thread with one intra-op thread; the backward runs each
+bucket's sub-graph on its own thread too (for CPU tensors autograd executes a graph on the
+thread that calls it). Parameter gradients are summed in bucket order, so results do not depend
+on the scheduling.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:  # noqa: SLF001
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chimera-bucket")
+        return _POOL
+
+
+def bucket_threads(device: torch.device) -> int:
+    """Threads for :func:`mix_buckets_threaded`: the intra-op thread count on CPU, 1 elsewhere
+    or under autocast (whose state is per thread)."""
+    if device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+        return 1
+    return torch.get_num_threads()
+
+
+def _run(workers: int, fn: Callable[[int], object], order: Sequence[int]) -> dict[int, object]:
+    """``fn(k)`` for every ``k`` of ``order`` on ``workers`` threads with one intra-op thread
+    each (restored afterwards); the largest buckets should come first in ``order``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return dict(zip(order, _pool(workers).map(fn, order), strict=True))
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _ThreadedBuckets(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mix_one, nodes, edges, order, workers, params, node_tensors, edge_tensor,
+                *flat: Tensor) -> Tensor:
+        grad_on = any(ctx.needs_input_grad)
+
+        def one(k: int):
+            with torch.set_grad_enabled(grad_on):
+                ins = [t.detach().index_select(1, nodes[k]).requires_grad_(t.requires_grad)
+                       for t in node_tensors]
+                de = None
+                if edge_tensor is not None:
+                    de = edge_tensor.detach().index_select(0, edges[k])
+                    de.requires_grad_(edge_tensor.requires_grad)
+                return ins, de, mix_one(k, *ins, de)
+
+        results = _run(workers, one, order)
+        y0 = results[order[0]][2]
+        out = y0.new_empty(y0.shape[0], node_tensors[0].shape[1], *y0.shape[2:])
+        for k in order:
+            out.index_copy_(1, nodes[k], results[k][2].detach())
+        if grad_on:
+            ctx.results, ctx.nodes, ctx.order, ctx.workers = results, nodes, order, workers
+            ctx.params, ctx.edges = params, edges
+            ctx.shapes = [t.shape for t in node_tensors]
+            ctx.edge_shape = None if edge_tensor is None else edge_tensor.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        results, nodes, params = ctx.results, ctx.nodes, ctx.params
+
+        def one(k: int):
+            ins, de, y = results[k]
+            targets = [*ins, *([de] if de is not None else []), *params]
+            wanted = [t for t in targets if t.requires_grad]
+            if not wanted:
+                return {}
+            # retain_graph: an outer backward with retain_graph may come back here
+            got = torch.autograd.grad(y, wanted, grad.index_select(1, nodes[k]),
+                                      retain_graph=True, allow_unused=True)
+            return {id(t): g for t, g in zip(wanted, got, strict=True)}
+
+        per_bucket = _run(ctx.workers, one, ctx.order)
+        node_grads = [grad.new_zeros(shape) for shape in ctx.shapes]
+        edge_grad = None if ctx.edge_shape is None else grad.new_zeros(ctx.edge_shape)
+        param_grads: list[Tensor | None] = [None] * len(params)
+        for k in sorted(ctx.order):  # fixed order: sums do not depend on the scheduling
+            ins, de, _ = results[k]
+            g = per_bucket[k]
+            for i, t in enumerate(ins):
+                if id(t) in g and g[id(t)] is not None:
+                    node_grads[i].index_copy_(1, nodes[k], g[id(t)])
+            if de is not None and id(de) in g and g[id(de)] is not None:
+                edge_grad.index_copy_(0, ctx.edges[k], g[id(de)])
+            for i, p in enumerate(params):
+                gp = g.get(id(p))
+                if gp is not None:
+                    param_grads[i] = gp if param_grads[i] is None else param_grads[i] + gp
+        edge = [] if ctx.edge_shape is None else [edge_grad]
+        return (None,) * 8 + (*node_grads, *edge, *param_grads)
+
+
+def mix_buckets_threaded(
+    mix_one: Callable[..., Tensor],
+    node_tensors: Sequence[Tensor],
+    edge_tensor: Tensor | None,
+    params: Sequence[Tensor],
+    nodes: Sequence[Tensor],
+    edges: Sequence[Tensor],
+    cost: Sequence[float],
+    workers: int,
+) -> Tensor:
+    """``y (b, T, ...)`` with ``y[:, nodes[k]] = mix_one(k, *node_tensors[:, nodes[k]],
+    edge_tensor[edges[k]])``, the buckets spread over ``workers`` threads, largest ``cost``
+    first. ``nodes`` partition the rows (dim 1) of every node tensor, ``edges`` those of
+    ``edge_tensor``; ``params`` are the tensors ``mix_one`` reads besides its arguments (their
+    gradients are summed over the buckets)."""
+    order = sorted(range(len(nodes)), key=lambda k: -cost[k])
+    flat = [*node_tensors, *([edge_tensor] if edge_tensor is not None else []), *params]
+    return _ThreadedBuckets.apply(mix_one, list(nodes), list(edges), order, workers,
+                                  list(params), list(node_tensors), edge_tensor, *flat)

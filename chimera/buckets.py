@@ -12,12 +12,14 @@ on the scheduling.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -41,11 +43,24 @@ def bucket_threads(device: torch.device) -> int:
 
 def _run(workers: int, fn: Callable[[int], object], order: Sequence[int]) -> dict[int, object]:
     """``fn(k)`` for every ``k`` of ``order`` on ``workers`` threads with one intra-op thread
-    each (restored afterwards); the largest buckets should come first in ``order``."""
+    each (restored afterwards); the largest buckets should come first in ``order``. The calling
+    thread's inference mode and Python dispatch modes (e.g. a memory or FLOP counter), which
+    are per thread, hold in the workers too."""
+    modes = list(_get_current_dispatch_mode_stack())
+    inference = torch.is_inference_mode_enabled()
+
+    def in_context(k: int) -> object:
+        with contextlib.ExitStack() as stack:
+            if inference:
+                stack.enter_context(torch.inference_mode())
+            for mode in modes:
+                stack.enter_context(mode)
+            return fn(k)
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return dict(zip(order, _pool(workers).map(fn, order), strict=True))
+        return dict(zip(order, _pool(workers).map(in_context, order), strict=True))
     finally:
         torch.set_num_threads(threads)
 

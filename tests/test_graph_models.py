@@ -536,3 +536,38 @@ def test_bfs_dag_levels_equal_kahns_and_are_used():
                                    depth=wrong)[0], wrong) is None
     topo = graph_topology(b.edge_index, b.num_nodes, b.batch, bfs_depth=wrong)
     assert all("levels" not in d._cache and d.is_dag for d in topo.dags())
+
+
+def test_threaded_buckets_keep_the_callers_modes():
+    """The concurrent buckets (two CPU threads) run under the caller's Python dispatch modes (a
+    counting mode sees the same ops as with one thread) and inference mode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func is torch.ops.aten.bmm.default
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(5)
+    b = batch_of([ring_with_tail(9), path(5), ring_with_tail(14), path(7)], [9, 5, 14, 7])
+    conv = ChimeraGraphConv(8, edge_dim=3, method="exact", graphs_per_bucket=1, **SMALL).double()
+    counts, outs = [], []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with Count() as mode:
+                conv(b.x, b.edge_index, b.edge_attr, b.batch).sum().backward()
+            counts.append(mode.n)
+            with torch.inference_mode():
+                y = conv(b.x, b.edge_index, b.edge_attr, b.batch)
+            assert y.is_inference()
+            outs.append(y)
+    finally:
+        torch.set_num_threads(before)
+    assert counts[0] == counts[1] > 0
+    torch.testing.assert_close(outs[0], outs[1])

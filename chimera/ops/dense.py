@@ -483,9 +483,8 @@ class _BandedResolvent(torch.autograd.Function):
         b, h, _ = w.shape
         n = nb * s
         m = b * num_graphs * h
-        # block-row-major (nb, ., m, s, s) / (nb, m, s, n): every step reads and writes whole
-        # contiguous (m, s, .) batches, so the products go straight into their targets (out=,
-        # in-place baddbmm) instead of fresh tensors copied into strided block rows
+        # the factors block-row-major (nb, ., m, s, s): every step reads and writes whole
+        # contiguous (m, s, s) batches
         blocks = _band_blocks(w, flat, num_graphs, nb, s).view(m, nb, 3, s, s)
         blocks = blocks.permute(1, 2, 0, 3, 4).contiguous()
         lo, dg, up = blocks[:, 0], blocks[:, 1], blocks[:, 2]
@@ -503,26 +502,22 @@ class _BandedResolvent(torch.autograd.Function):
                 d_inv[i] = torch.linalg.inv_ex(torch.baddbmm(dg[i], lo[i], g[i], alpha=-1))[0]
             f = torch.zeros_like(dg)  # F_i = T_{i,i-1} D_{i-1}^-1; F_0 unused
             torch.bmm(lo[1:].flatten(0, 1), d_inv[:-1].flatten(0, 1), out=f[1:].flatten(0, 1))
-            X = w.new_zeros(nb, m, s, n)  # Y, then overwritten block row by block row by X
-            X.view(nb, m, s, nb, s).diagonal(dim1=0, dim2=3).diagonal(dim1=1, dim2=2).fill_(1.0)
-            buf = torch.empty_like(X[0])
+            # L is built in place, (m, nb, s, n), stored with s zero rows before and after for
+            # the edge gradient's windows; each step's product goes to a contiguous buffer (a
+            # product into a strided block row falls back to one GEMM per matrix)
+            L_padded = w.new_zeros(m * n + 2 * s, n)
+            L = L_padded[s:-s].view(m, nb, s, n)
+            L.view(m, n, n).diagonal(dim1=-2, dim2=-1).fill_(1.0)  # Y, then X
+            buf, buf2 = torch.empty(2, m, s, n, dtype=w.dtype, device=w.device)
             for i in range(1, nb):  # Y_{i-1} is zero from column i s on
                 c = i * s
-                # a product into a column slice falls back to one GEMM per matrix: via buf
                 out = buf.view(-1)[: m * s * c].view(m, s, c)
-                prod = torch.bmm(f[i], X[i - 1, :, :, :c], out=out)
-                X[i, :, :, :c].sub_(prod)
-            torch.bmm(d_inv[nb - 1], X[nb - 1], out=buf)
-            X[nb - 1].copy_(buf)
+                L[:, i, :, :c].sub_(torch.bmm(f[i], L[:, i - 1, :, :c], out=out))
+            L[:, nb - 1].copy_(torch.bmm(d_inv[nb - 1], L[:, nb - 1], out=buf))
             for i in range(nb - 2, -1, -1):
-                torch.baddbmm(X[i], up[i], X[i + 1], alpha=-1, out=buf)
-                torch.bmm(d_inv[i], buf, out=X[i])
-        # back to (m, n, n) and flushed (subnormals slow every product with L) in one pass
-        # with s zero rows before and after, for the edge gradient's windows
-        L_padded = X.new_empty(m * n + 2 * s, n)
-        L_padded[:s].zero_()
-        L_padded[-s:].zero_()
-        L = flush_tiny_into(X.transpose(0, 1), L_padded[s:-s].view(m, nb, s, n))
+                torch.baddbmm(L[:, i], up[i], L[:, i + 1], alpha=-1, out=buf)
+                L[:, i].copy_(torch.bmm(d_inv[i], buf, out=buf2))
+        flush_tiny_into(L, L)  # subnormals slow every product with L (flush_tiny)
         ctx.save_for_backward(L_padded, d_inv, g, lo, flat)
         return L.view(b, num_graphs, h, n, n)
 
@@ -533,17 +528,16 @@ class _BandedResolvent(torch.autograd.Function):
         n = nb * s
         cpu = gL.device.type == "cpu"
         with single_threaded_cpu(cpu), flush_denormal_cpu(cpu):  # as in the forward
-            Z = gL.new_empty(nb, m, s, n)  # (I - A)^-T gL, block row by block row
-            Z.copy_(gL.reshape(m, nb, s, n).transpose(0, 1))
+            # M = (I - A)^-T gL in place of a copy of gL, block row by block row
+            M = gL.reshape(m, nb, s, n).clone(memory_format=torch.contiguous_format)
+            buf, buf2 = torch.empty(2, m, s, n, dtype=gL.dtype, device=gL.device)
             for i in range(1, nb):
-                Z[i].baddbmm_(g[i].mT, Z[i - 1], alpha=-1)
-            buf = torch.empty_like(Z[0])
-            torch.bmm(d_inv[nb - 1].mT, Z[nb - 1], out=buf)
-            Z[nb - 1].copy_(buf)
+                M[:, i].sub_(torch.bmm(g[i].mT, M[:, i - 1], out=buf))
+            M[:, nb - 1].copy_(torch.bmm(d_inv[nb - 1].mT, M[:, nb - 1], out=buf))
             for i in range(nb - 2, -1, -1):
-                torch.baddbmm(Z[i], lo[i + 1].mT, Z[i + 1], alpha=-1, out=buf)
-                torch.bmm(d_inv[i].mT, buf, out=Z[i])
-        M = flush_tiny_into(Z.transpose(0, 1), Z.new_empty(m, nb, s, n))
+                torch.baddbmm(M[:, i], lo[i + 1].mT, M[:, i + 1], alpha=-1, out=buf)
+                M[:, i].copy_(torch.bmm(d_inv[i].mT, buf, out=buf2))
+        flush_tiny_into(M, M)
         return _band_edge_gradient(M, L_padded, flat, gL.shape[0]), None, None, None, None
 
 

@@ -33,10 +33,21 @@ def _pool(workers: int) -> ThreadPoolExecutor:
         return _POOL
 
 
+_ENABLED = True
+
+
+def set_threaded(enabled: bool) -> None:
+    """Turn the concurrent buckets on (the default) or off for the whole process. Off, the
+    buckets run one after another (the same values): needed for a second backward through
+    one forward, which the threaded path does not keep the graphs for."""
+    global _ENABLED
+    _ENABLED = bool(enabled)
+
+
 def bucket_threads(device: torch.device) -> int:
-    """Threads for :func:`mix_buckets_threaded`: the intra-op thread count on CPU, 1 elsewhere
-    or under autocast (whose state is per thread)."""
-    if device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+    """Threads for :func:`mix_buckets_threaded`: the intra-op thread count on CPU, 1 elsewhere,
+    under autocast (whose state is per thread) or after ``set_threaded(False)``."""
+    if not _ENABLED or device.type != "cpu" or torch.is_autocast_enabled("cpu"):
         return 1
     return torch.get_num_threads()
 
@@ -96,6 +107,12 @@ class _ThreadedBuckets(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         results, nodes, params = ctx.results, ctx.nodes, ctx.params
+        if results is None:
+            raise RuntimeError(
+                "the size buckets ran on threads (chimera.buckets) and their graphs are freed "
+                "after one backward; for a second backward through the same forward (e.g. "
+                "retain_graph=True) call chimera.buckets.set_threaded(False) first")
+        ctx.results = None  # each bucket's graph is freed by its own backward below
 
         def one(k: int):
             ins, de, y = results[k]
@@ -103,9 +120,8 @@ class _ThreadedBuckets(torch.autograd.Function):
             wanted = [t for t in targets if t.requires_grad]
             if not wanted:
                 return {}
-            # retain_graph: an outer backward with retain_graph may come back here
             got = torch.autograd.grad(y, wanted, grad.index_select(1, nodes[k]),
-                                      retain_graph=True, allow_unused=True)
+                                      allow_unused=True)
             return {id(t): g for t, g in zip(wanted, got, strict=True)}
 
         per_bucket = _run(ctx.workers, one, ctx.order)

@@ -571,3 +571,29 @@ def test_threaded_buckets_keep_the_callers_modes():
         torch.set_num_threads(before)
     assert counts[0] == counts[1] > 0
     torch.testing.assert_close(outs[0], outs[1])
+
+
+def test_threaded_buckets_one_backward_and_the_switch():
+    """With two threads the buckets' graphs serve one backward: a second one is refused with a
+    message that names the switch; ``set_threaded(False)`` runs them in order (same values) and
+    then allows ``retain_graph``."""
+    import chimera.buckets
+
+    torch.manual_seed(5)
+    b = batch_of([ring_with_tail(9), path(5), ring_with_tail(14), path(7)], [9, 5, 14, 7])
+    conv = ChimeraGraphConv(8, edge_dim=3, method="exact", graphs_per_bucket=1, **SMALL).double()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        y = conv(b.x, b.edge_index, b.edge_attr, b.batch).sum()
+        y.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="set_threaded"):
+            y.backward()
+        chimera.buckets.set_threaded(False)
+        y2 = conv(b.x, b.edge_index, b.edge_attr, b.batch).sum()
+        y2.backward(retain_graph=True)
+        y2.backward()
+        torch.testing.assert_close(y2, y)
+    finally:
+        chimera.buckets.set_threaded(True)
+        torch.set_num_threads(before)

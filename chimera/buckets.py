@@ -76,33 +76,43 @@ def _run(workers: int, fn: Callable[[int], object], order: Sequence[int]) -> dic
         torch.set_num_threads(threads)
 
 
+def _forward_buckets(mix_one, nodes, edges, order, workers, node_tensors, edge_tensor,
+                     grad: bool) -> dict[int, tuple]:
+    """Per bucket ``(inputs, edge input, output)``; with ``grad`` the inputs are fresh leaves
+    (requiring grad where the originals do) and each output holds its bucket's graph."""
+
+    def one(k: int):
+        with torch.set_grad_enabled(grad):
+            ins = [t.detach().index_select(1, nodes[k]).requires_grad_(grad and t.requires_grad)
+                   for t in node_tensors]
+            de = None
+            if edge_tensor is not None:
+                de = edge_tensor.detach().index_select(0, edges[k])
+                de.requires_grad_(grad and edge_tensor.requires_grad)
+            return ins, de, mix_one(k, *ins, de)
+
+    return _run(workers, one, order)
+
+
+def _assemble(results: dict[int, tuple], nodes, order, num_rows: int) -> Tensor:
+    y0 = results[order[0]][2]
+    out = y0.new_empty(y0.shape[0], num_rows, *y0.shape[2:])
+    for k in order:
+        out.index_copy_(1, nodes[k], results[k][2].detach())
+    return out
+
+
 class _ThreadedBuckets(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mix_one, nodes, edges, order, workers, params, node_tensors, edge_tensor,
                 *flat: Tensor) -> Tensor:
-        grad_on = any(ctx.needs_input_grad)
-
-        def one(k: int):
-            with torch.set_grad_enabled(grad_on):
-                ins = [t.detach().index_select(1, nodes[k]).requires_grad_(t.requires_grad)
-                       for t in node_tensors]
-                de = None
-                if edge_tensor is not None:
-                    de = edge_tensor.detach().index_select(0, edges[k])
-                    de.requires_grad_(edge_tensor.requires_grad)
-                return ins, de, mix_one(k, *ins, de)
-
-        results = _run(workers, one, order)
-        y0 = results[order[0]][2]
-        out = y0.new_empty(y0.shape[0], node_tensors[0].shape[1], *y0.shape[2:])
-        for k in order:
-            out.index_copy_(1, nodes[k], results[k][2].detach())
-        if grad_on:
-            ctx.results, ctx.nodes, ctx.order, ctx.workers = results, nodes, order, workers
-            ctx.params, ctx.edges = params, edges
-            ctx.shapes = [t.shape for t in node_tensors]
-            ctx.edge_shape = None if edge_tensor is None else edge_tensor.shape
-        return out
+        results = _forward_buckets(mix_one, nodes, edges, order, workers, node_tensors,
+                                   edge_tensor, grad=True)
+        ctx.results, ctx.nodes, ctx.order, ctx.workers = results, nodes, order, workers
+        ctx.params, ctx.edges = params, edges
+        ctx.shapes = [t.shape for t in node_tensors]
+        ctx.edge_shape = None if edge_tensor is None else edge_tensor.shape
+        return _assemble(results, nodes, order, node_tensors[0].shape[1])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -161,5 +171,9 @@ def mix_buckets_threaded(
     gradients are summed over the buckets)."""
     order = sorted(range(len(nodes)), key=lambda k: -cost[k])
     flat = [*node_tensors, *([edge_tensor] if edge_tensor is not None else []), *params]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in flat)):
+        results = _forward_buckets(mix_one, nodes, edges, order, workers, node_tensors,
+                                   edge_tensor, grad=False)
+        return _assemble(results, nodes, order, node_tensors[0].shape[1])
     return _ThreadedBuckets.apply(mix_one, list(nodes), list(edges), order, workers,
                                   list(params), list(node_tensors), edge_tensor, *flat)

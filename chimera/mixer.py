@@ -357,9 +357,9 @@ class ChimeraMixer(nn.Module):
                                  num_terms=None if num_terms is None else num_terms[k])
 
             # the cost of a bucket's dense mixing grows like graphs x n^2
-            cost = [len(b[2].ptr) * float(b[2].ptr.diff().max()) ** 2 for b in buckets]
+            cost = [len(bk[2].ptr) * float(bk[2].ptr.diff().max()) ** 2 for bk in buckets]
             y = mix_buckets_threaded(mix_one, (V, Bs, Cs, delta, psi), delta_edge, [self.A_log],
-                                     nodes, [b[1] for b in buckets], cost, workers)
+                                     nodes, [bk[1] for bk in buckets], cost, workers)
             return self._output(y, V, z)
         # one gather per tensor into bucket order, then views per bucket (not one gather each)
         per_bucket = [t.index_select(1, node_perm).split(sizes, dim=1)

@@ -566,6 +566,8 @@ def test_threaded_buckets_keep_the_callers_modes():
             with torch.inference_mode():
                 y = conv(b.x, b.edge_index, b.edge_attr, b.batch)
             assert y.is_inference()
+            with torch.no_grad():  # no graphs kept
+                assert not conv(b.x, b.edge_index, b.edge_attr, b.batch).requires_grad
             outs.append(y)
     finally:
         torch.set_num_threads(before)

@@ -489,7 +489,7 @@ class _BandedResolvent(torch.autograd.Function):
         blocks = blocks.permute(1, 2, 0, 3, 4).contiguous()
         lo, dg, up = blocks[:, 0], blocks[:, 1], blocks[:, 2]
         cpu = w.device.type == "cpu"
-        # one thread with flush-to-zero: the decaying entries of X turn subnormal, and the flag
+        # one thread with flush-to-zero: the decaying entries of L turn subnormal, and the flag
         # only holds on the calling thread (two threads: the sweeps 12 -> 30 ms on 64 peptides)
         with single_threaded_cpu(cpu), flush_denormal_cpu(cpu):
             d_inv = torch.empty_like(dg)

@@ -117,8 +117,8 @@ def flush_tiny(x: Tensor) -> Tensor:
 
 
 def flush_tiny_into(x: Tensor, out: Tensor) -> Tensor:
-    """:func:`flush_tiny` written into ``out`` (same shape, any strides of ``x``): a layout
-    change and the flush in one pass, without a fresh buffer. Not differentiable."""
+    """:func:`flush_tiny` written into ``out`` (same shape; ``out`` may be ``x`` itself): the
+    flush without a fresh buffer. Not differentiable."""
     return torch.hardshrink(x, torch.finfo(x.dtype).tiny ** 0.5, out=out)
 
 

@@ -150,14 +150,27 @@ class _MaskedAttention(torch.autograd.Function):
     """``Y = (L ∘ C Bᵀ) V`` on blocks: ``L (.., H, n, n)``, ``V (.., H, n, P)``, ``B, C`` with
     ``H`` or 1 (shared by the heads) on the head axis.
 
-    Why a Function: autograd's backward makes four ``n^2``-per-head tensors (``gM = gY Vᵀ``,
-    ``gM ∘ S``, ``gM ∘ L`` and its head sum); here ``gM`` becomes ``gL`` in place and, with
-    shared scores, ``sum_h gM ∘ L`` is accumulated head by head into one ``n^2`` tensor.
+    Why a Function: autograd keeps ``M = L ∘ S`` for all heads and its backward makes four
+    ``n^2``-per-head tensors (``gM = gY Vᵀ``, ``gM ∘ S``, ``gM ∘ L`` and its head sum). Here,
+    with scores shared by the heads (the mixer's case), ``M`` goes head by head through one
+    buffer, forward and again in the backward, and is never kept; ``sum_h gM ∘ L`` is
+    accumulated head by head into one ``n^2`` tensor and ``gM`` becomes ``gL`` in place (64
+    peptides: peak memory 224 -> 181 MB, and 4% / 16% faster on one / two threads).
     """
 
     @staticmethod
     def forward(ctx, L: Tensor, V: Tensor, B: Tensor, C: Tensor) -> Tensor:
         S = C @ B.transpose(-1, -2)  # (.., H or 1, n, n)
+        h = L.shape[-3]
+        if S.shape[-3] == 1 and h > 1:
+            # head by head through one buffer: M = L ∘ S is neither kept nor made for all heads
+            M = torch.empty_like(L[..., :1, :, :])
+            Y = V.new_empty(V.shape)
+            for k in range(h):
+                torch.mul(L[..., k:k + 1, :, :], S, out=M)
+                Y[..., k:k + 1, :, :] = M @ V[..., k:k + 1, :, :]
+            ctx.save_for_backward(L, V, B, C, S, None)
+            return Y
         M = L * S
         ctx.save_for_backward(L, V, B, C, S, M)
         return M @ V
@@ -167,7 +180,15 @@ class _MaskedAttention(torch.autograd.Function):
         L, V, B, C, S, M = ctx.saved_tensors
         gY = gY.contiguous()
         gM = gY @ V.transpose(-1, -2)
-        gV = M.transpose(-1, -2) @ gY
+        if M is None:  # per head: M_k = L_k ∘ S again, through one buffer
+            h = L.shape[-3]
+            gV = torch.empty_like(V)
+            M = torch.empty_like(L[..., :1, :, :])
+            for k in range(h):
+                torch.mul(L[..., k:k + 1, :, :], S, out=M)
+                gV[..., k:k + 1, :, :] = M.transpose(-1, -2) @ gY[..., k:k + 1, :, :]
+        else:
+            gV = M.transpose(-1, -2) @ gY
         if S.shape[-3] == 1:  # scores shared by the heads: accumulate gM ∘ L head by head
             gS = gM[..., :1, :, :] * L[..., :1, :, :]
             for k in range(1, L.shape[-3]):

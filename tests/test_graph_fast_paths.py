@@ -468,15 +468,15 @@ def test_band_layout_is_block_tridiagonal_and_banded_resolvent_matches_the_oracl
 
     V, B, C, _ = random_inputs(topo, b=2, h=3)
     calls = []
-    banded = dense.resolvent_banded
+    banded = dense.mix_banded
     ins = [V, B, C, w]
     y_ref, gr = _grads(lambda *a: mix(*a, topo, method="reference"), ins)
     try:
-        dense.resolvent_banded = lambda *a: calls.append(1) or banded(*a)
+        dense.mix_banded = lambda *a: calls.append(1) or banded(*a)
         y, gy = _grads(lambda *a: mix(*a, topo, method="exact"), ins)
     finally:
-        dense.resolvent_banded = banded
-    assert calls  # the exact path took the band
+        dense.mix_banded = banded
+    assert calls  # the exact path took the band (resolvent and SMA in one node)
     torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
     for a, b in zip(gy, gr, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
@@ -630,3 +630,36 @@ def test_masked_attention_function_matches_autograd(shared: bool):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
     args = [t.detach().clone().requires_grad_(True) for t in ins]
     assert torch.autograd.gradcheck(fast, args)
+
+
+def test_banded_masked_attention_node_with_shared_scores():
+    """``dense.mix_banded`` (band elimination and masked product in one node, the adjoint in
+    place on the node's own ``gL``) with B/C shared by the heads, as the mixer calls it: values
+    and gradients against the LU oracle's mask and the plain product, and gradcheck."""
+    topo = _batch(_chain_with_rings(40, 4), _chain_with_rings(23, 5))
+    band = dense.band_layout(topo)
+    assert band is not None
+    V, B, C, w = random_inputs(topo, b=1, h=3)
+    w = _small_weights(topo, w)
+    B, C = B[:, :, :1], C[:, :, :1]
+
+    def heads(t: Tensor) -> Tensor:
+        return t.expand(*V.shape[:3], t.shape[-1])
+
+    def fused(V, B, C, w):
+        return dense.mix_banded(V, heads(B), heads(C), w, topo, band)
+
+    def oracle(V, B, C, w):
+        lay = band.layout
+        L = dense.resolvent_reference(dense.dense_adjacency(w, topo, lay))
+        Vd, Bd, Cd = (dense.to_head_blocks(t, lay) for t in (V, heads(B), heads(C)))
+        return dense.from_head_blocks((L * (Cd @ Bd.transpose(-1, -2))) @ Vd, lay)
+
+    ins = [V, B, C, w]
+    y, g = _grads(fused, ins)
+    y_ref, g_ref = _grads(oracle, ins)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    for a, b in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    args = [t.detach().clone().requires_grad_(True) for t in ins]
+    assert torch.autograd.gradcheck(fused, args)

@@ -160,43 +160,54 @@ class _MaskedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, L: Tensor, V: Tensor, B: Tensor, C: Tensor) -> Tensor:
-        S = C @ B.transpose(-1, -2)  # (.., H or 1, n, n)
-        h = L.shape[-3]
-        if S.shape[-3] == 1 and h > 1:
-            # head by head through one buffer: M = L ∘ S is neither kept nor made for all heads
-            M = torch.empty_like(L[..., :1, :, :])
-            Y = V.new_empty(V.shape)
-            for k in range(h):
-                torch.mul(L[..., k:k + 1, :, :], S, out=M)
-                Y[..., k:k + 1, :, :] = M @ V[..., k:k + 1, :, :]
-            ctx.save_for_backward(L, V, B, C, S, None)
-            return Y
-        M = L * S
+        Y, S, M = _masked_attention_forward(L, V, B, C)
         ctx.save_for_backward(L, V, B, C, S, M)
-        return M @ V
+        return Y
 
     @staticmethod
     def backward(ctx, gY: Tensor):
-        L, V, B, C, S, M = ctx.saved_tensors
-        gY = gY.contiguous()
-        gM = gY @ V.transpose(-1, -2)
-        if M is None:  # per head: M_k = L_k ∘ S again, through one buffer
-            h = L.shape[-3]
-            gV = torch.empty_like(V)
-            M = torch.empty_like(L[..., :1, :, :])
-            for k in range(h):
-                torch.mul(L[..., k:k + 1, :, :], S, out=M)
-                gV[..., k:k + 1, :, :] = M.transpose(-1, -2) @ gY[..., k:k + 1, :, :]
-        else:
-            gV = M.transpose(-1, -2) @ gY
-        if S.shape[-3] == 1:  # scores shared by the heads: accumulate gM ∘ L head by head
-            gS = gM[..., :1, :, :] * L[..., :1, :, :]
-            for k in range(1, L.shape[-3]):
-                gS.addcmul_(gM[..., k:k + 1, :, :], L[..., k:k + 1, :, :])
-        else:
-            gS = gM * L
-        gC, gB = gS @ B, gS.transpose(-1, -2) @ C
-        return gM.mul_(S), gV, gB, gC
+        return _masked_attention_backward(*ctx.saved_tensors, gY)
+
+
+def _masked_attention_forward(L: Tensor, V: Tensor, B: Tensor,
+                              C: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(Y, S, M)`` of :class:`_MaskedAttention` (``M`` is ``None`` when it goes head by
+    head)."""
+    S = C @ B.transpose(-1, -2)  # (.., H or 1, n, n)
+    h = L.shape[-3]
+    if S.shape[-3] == 1 and h > 1:
+        # head by head through one buffer: M = L ∘ S is neither kept nor made for all heads
+        M = torch.empty_like(L[..., :1, :, :])
+        Y = V.new_empty(V.shape)
+        for k in range(h):
+            torch.mul(L[..., k:k + 1, :, :], S, out=M)
+            Y[..., k:k + 1, :, :] = M @ V[..., k:k + 1, :, :]
+        return Y, S, None
+    M = L * S
+    return M @ V, S, M
+
+
+def _masked_attention_backward(L: Tensor, V: Tensor, B: Tensor, C: Tensor, S: Tensor,
+                               M: Tensor | None, gY: Tensor) -> tuple[Tensor, ...]:
+    """``(gL, gV, gB, gC)`` of :class:`_MaskedAttention`; ``gL`` is a fresh tensor."""
+    gY = gY.contiguous()
+    gM = gY @ V.transpose(-1, -2)
+    if M is None:  # per head: M_k = L_k ∘ S again, through one buffer
+        gV = torch.empty_like(V)
+        M = torch.empty_like(L[..., :1, :, :])
+        for k in range(L.shape[-3]):
+            torch.mul(L[..., k:k + 1, :, :], S, out=M)
+            gV[..., k:k + 1, :, :] = M.transpose(-1, -2) @ gY[..., k:k + 1, :, :]
+    else:
+        gV = M.transpose(-1, -2) @ gY
+    if S.shape[-3] == 1:  # scores shared by the heads: accumulate gM ∘ L head by head
+        gS = gM[..., :1, :, :] * L[..., :1, :, :]
+        for k in range(1, L.shape[-3]):
+            gS.addcmul_(gM[..., k:k + 1, :, :], L[..., k:k + 1, :, :])
+    else:
+        gS = gM * L
+    gC, gB = gS @ B, gS.transpose(-1, -2) @ C
+    return gM.mul_(S), gV, gB, gC
 
 
 def _shared_across_heads(t: Tensor) -> bool:
@@ -501,78 +512,139 @@ class _BandedResolvent(torch.autograd.Function):
     @staticmethod
     @autocast_off
     def forward(ctx, w: Tensor, flat: Tensor, num_graphs: int, nb: int, s: int) -> Tensor:
-        b, h, _ = w.shape
-        n = nb * s
-        m = b * num_graphs * h
-        # the factors block-row-major (nb, ., m, s, s): every step reads and writes whole
-        # contiguous (m, s, s) batches
-        blocks = _band_blocks(w, flat, num_graphs, nb, s).view(m, nb, 3, s, s)
-        blocks = blocks.permute(1, 2, 0, 3, 4).contiguous()
-        lo, dg, up = blocks[:, 0], blocks[:, 1], blocks[:, 2]
-        cpu = w.device.type == "cpu"
-        # one thread with flush-to-zero: the decaying entries of L turn subnormal, and the flag
-        # only holds on the calling thread (two threads: the sweeps 12 -> 30 ms on 64 peptides)
-        with single_threaded_cpu(cpu), flush_denormal_cpu(cpu):
-            d_inv = torch.empty_like(dg)
-            g = torch.zeros_like(dg)  # G_i; G_0 unused
-            # the D_i are strictly diagonally dominant like I - A (Schur complements keep it):
-            # never singular, so the unchecked batched inverse
-            d_inv[0] = torch.linalg.inv_ex(dg[0])[0]
-            for i in range(1, nb):
-                torch.bmm(d_inv[i - 1], up[i - 1], out=g[i])
-                d_inv[i] = torch.linalg.inv_ex(torch.baddbmm(dg[i], lo[i], g[i], alpha=-1))[0]
-            f = torch.zeros_like(dg)  # F_i = T_{i,i-1} D_{i-1}^-1; F_0 unused
-            torch.bmm(lo[1:].flatten(0, 1), d_inv[:-1].flatten(0, 1), out=f[1:].flatten(0, 1))
-            # L is built in place, (m, nb, s, n), stored with s zero rows before and after for
-            # the edge gradient's windows; each step's product goes to a contiguous buffer (a
-            # product into a strided block row falls back to one GEMM per matrix)
-            L_padded = w.new_zeros(m * n + 2 * s, n)
-            L = L_padded[s:-s].view(m, nb, s, n)
-            L.view(m, n, n).diagonal(dim1=-2, dim2=-1).fill_(1.0)  # Y, then X
-            buf, buf2 = torch.empty(2, m, s, n, dtype=w.dtype, device=w.device)
-            for i in range(1, nb):  # Y_{i-1} is zero from column i s on
-                c = i * s
-                out = buf.view(-1)[: m * s * c].view(m, s, c)
-                L[:, i, :, :c].sub_(torch.bmm(f[i], L[:, i - 1, :, :c], out=out))
-            L[:, nb - 1].copy_(torch.bmm(d_inv[nb - 1], L[:, nb - 1], out=buf))
-            for i in range(nb - 2, -1, -1):
-                torch.baddbmm(L[:, i], up[i], L[:, i + 1], alpha=-1, out=buf)
-                L[:, i].copy_(torch.bmm(d_inv[i], buf, out=buf2))
-        flush_tiny_into(L, L)  # subnormals slow every product with L (flush_tiny)
+        L_padded, L, d_inv, g, lo = _band_solve(w, flat, num_graphs, nb, s)
         ctx.save_for_backward(L_padded, d_inv, g, lo, flat)
-        return L.view(b, num_graphs, h, n, n)
+        b, h, _ = w.shape
+        return L.view(b, num_graphs, h, nb * s, nb * s)
 
     @staticmethod
     def backward(ctx, gL: Tensor):
         L_padded, d_inv, g, lo, flat = ctx.saved_tensors
         nb, m, s, _ = d_inv.shape
-        n = nb * s
-        cpu = gL.device.type == "cpu"
-        with single_threaded_cpu(cpu), flush_denormal_cpu(cpu):  # as in the forward
-            # M = (I - A)^-T gL in place of a copy of gL, block row by block row
-            M = gL.reshape(m, nb, s, n).clone(memory_format=torch.contiguous_format)
-            buf, buf2 = torch.empty(2, m, s, n, dtype=gL.dtype, device=gL.device)
-            for i in range(1, nb):
-                M[:, i].sub_(torch.bmm(g[i].mT, M[:, i - 1], out=buf))
-            M[:, nb - 1].copy_(torch.bmm(d_inv[nb - 1].mT, M[:, nb - 1], out=buf))
-            for i in range(nb - 2, -1, -1):
-                torch.baddbmm(M[:, i], lo[i + 1].mT, M[:, i + 1], alpha=-1, out=buf)
-                M[:, i].copy_(torch.bmm(d_inv[i].mT, buf, out=buf2))
-        flush_tiny_into(M, M)
+        M = gL.reshape(m, nb, s, nb * s).clone(memory_format=torch.contiguous_format)
+        _band_adjoint_(M, d_inv, g, lo)
         return _band_edge_gradient(M, L_padded, flat, gL.shape[0]), None, None, None, None
+
+
+def _band_solve(w: Tensor, flat: Tensor, num_graphs: int, nb: int,
+                s: int) -> tuple[Tensor, ...]:
+    """The forward of :class:`_BandedResolvent`: ``(L_padded, L (m, nb, s, n), D^-1, G, lo)``
+    with ``L`` stored as rows ``s .. s + m n`` of ``L_padded`` (zero rows around it)."""
+    b, h, _ = w.shape
+    n = nb * s
+    m = b * num_graphs * h
+    # the factors block-row-major (nb, ., m, s, s): every step reads and writes whole
+    # contiguous (m, s, s) batches
+    blocks = _band_blocks(w, flat, num_graphs, nb, s).view(m, nb, 3, s, s)
+    blocks = blocks.permute(1, 2, 0, 3, 4).contiguous()
+    lo, dg, up = blocks[:, 0], blocks[:, 1], blocks[:, 2]
+    cpu = w.device.type == "cpu"
+    # one thread with flush-to-zero: the decaying entries of L turn subnormal, and the flag
+    # only holds on the calling thread (two threads: the sweeps 12 -> 30 ms on 64 peptides)
+    with single_threaded_cpu(cpu), flush_denormal_cpu(cpu):
+        d_inv = torch.empty_like(dg)
+        g = torch.zeros_like(dg)  # G_i; G_0 unused
+        # the D_i are strictly diagonally dominant like I - A (Schur complements keep it):
+        # never singular, so the unchecked batched inverse
+        d_inv[0] = torch.linalg.inv_ex(dg[0])[0]
+        for i in range(1, nb):
+            torch.bmm(d_inv[i - 1], up[i - 1], out=g[i])
+            d_inv[i] = torch.linalg.inv_ex(torch.baddbmm(dg[i], lo[i], g[i], alpha=-1))[0]
+        f = torch.zeros_like(dg)  # F_i = T_{i,i-1} D_{i-1}^-1; F_0 unused
+        torch.bmm(lo[1:].flatten(0, 1), d_inv[:-1].flatten(0, 1), out=f[1:].flatten(0, 1))
+        # L is built in place, (m, nb, s, n), stored with s zero rows before and after for
+        # the edge gradient's windows; each step's product goes to a contiguous buffer (a
+        # product into a strided block row falls back to one GEMM per matrix)
+        L_padded = w.new_zeros(m * n + 2 * s, n)
+        L = L_padded[s:-s].view(m, nb, s, n)
+        L.view(m, n, n).diagonal(dim1=-2, dim2=-1).fill_(1.0)  # Y, then X
+        buf, buf2 = torch.empty(2, m, s, n, dtype=w.dtype, device=w.device)
+        for i in range(1, nb):  # Y_{i-1} is zero from column i s on
+            c = i * s
+            out = buf.view(-1)[: m * s * c].view(m, s, c)
+            L[:, i, :, :c].sub_(torch.bmm(f[i], L[:, i - 1, :, :c], out=out))
+        L[:, nb - 1].copy_(torch.bmm(d_inv[nb - 1], L[:, nb - 1], out=buf))
+        for i in range(nb - 2, -1, -1):
+            torch.baddbmm(L[:, i], up[i], L[:, i + 1], alpha=-1, out=buf)
+            L[:, i].copy_(torch.bmm(d_inv[i], buf, out=buf2))
+    flush_tiny_into(L, L)  # subnormals slow every product with L (flush_tiny)
+    return L_padded, L, d_inv, g, lo
+
+
+def _band_adjoint_(M: Tensor, d_inv: Tensor, g: Tensor, lo: Tensor) -> Tensor:
+    """``M <- (I - A)^-T M`` in place for ``M (m, nb, s, n)`` (contiguous), with the factors of
+    :func:`_band_solve`, then flushed."""
+    nb, m, s, _ = d_inv.shape
+    cpu = M.device.type == "cpu"
+    with single_threaded_cpu(cpu), flush_denormal_cpu(cpu):  # as in the forward
+        buf, buf2 = torch.empty(2, m, s, M.shape[-1], dtype=M.dtype, device=M.device)
+        for i in range(1, nb):
+            M[:, i].sub_(torch.bmm(g[i].mT, M[:, i - 1], out=buf))
+        M[:, nb - 1].copy_(torch.bmm(d_inv[nb - 1].mT, M[:, nb - 1], out=buf))
+        for i in range(nb - 2, -1, -1):
+            torch.baddbmm(M[:, i], lo[i + 1].mT, M[:, i + 1], alpha=-1, out=buf)
+            M[:, i].copy_(torch.bmm(d_inv[i].mT, buf, out=buf2))
+    return flush_tiny_into(M, M)
+
+
+class _BandedMaskedAttention(torch.autograd.Function):
+    """``Y = (L ∘ C Bᵀ) V`` with ``L`` from the band elimination of :class:`_BandedResolvent`, in
+    one node: the masked product's ``gL`` is a fresh tensor of this node's own, so the band's
+    adjoint runs in place on it (no copy of ``gL`` per bucket)."""
+
+    @staticmethod
+    @autocast_off
+    def forward(ctx, w: Tensor, V: Tensor, B: Tensor, C: Tensor, flat: Tensor, num_graphs: int,
+                nb: int, s: int) -> Tensor:
+        L_padded, L, d_inv, g, lo = _band_solve(w, flat, num_graphs, nb, s)
+        b, h, _ = w.shape
+        Y, S, M = _masked_attention_forward(L.view(b, num_graphs, h, nb * s, nb * s), V, B, C)
+        ctx.save_for_backward(L_padded, d_inv, g, lo, flat, V, B, C, S, M)
+        ctx.shape = (b, num_graphs, h)
+        return Y
+
+    @staticmethod
+    def backward(ctx, gY: Tensor):
+        L_padded, d_inv, g, lo, flat, V, B, C, S, M = ctx.saved_tensors
+        nb, m, s, _ = d_inv.shape
+        n = nb * s
+        L = L_padded[s:-s].view(*ctx.shape, n, n)
+        gL, gV, gB, gC = _masked_attention_backward(L, V, B, C, S, M, gY)
+        gL = _band_adjoint_(gL.view(m, nb, s, n), d_inv, g, lo)
+        dw = _band_edge_gradient(gL, L_padded, flat, ctx.shape[0])
+        return dw, gV, gB, gC, None, None, None, None
 
 
 def resolvent_banded(edge_weight: Tensor, topo: Topology, band: BandLayout) -> Tensor:
     """``L (b, G, H, n, n)`` in ``band.layout`` by the block-tridiagonal elimination of
     :class:`_BandedResolvent` (needs a diagonally dominant ``I - A``)."""
-    h, nb, s = edge_weight.shape[1], band.num_blocks, band.block
+    flat = _band_entry_index_cached(edge_weight.shape[1], topo, band)
+    return _BandedResolvent.apply(edge_weight, flat, band.layout.num_graphs, band.num_blocks,
+                                  band.block)
+
+
+def _band_entry_index_cached(h: int, topo: Topology, band: BandLayout) -> Tensor:
+    """:func:`_band_entry_index` for ``h`` heads, cached on ``topo`` per layout."""
 
     def build() -> Tensor:
         graph, row, col = _edge_positions(topo, band.layout)
-        return _band_entry_index(graph, row, col, h, nb, s)
+        return _band_entry_index(graph, row, col, h, band.num_blocks, band.block)
 
-    flat = _cached_per_layout(topo, band.layout, f"band_entry_index_{h}", build)
-    return _BandedResolvent.apply(edge_weight, flat, band.layout.num_graphs, nb, s)
+    return _cached_per_layout(topo, band.layout, f"band_entry_index_{h}", build)
+
+
+def mix_banded(V: Tensor, B: Tensor, C: Tensor, edge_weight: Tensor, topo: Topology,
+               band: BandLayout) -> Tensor:
+    """``Y = (L ∘ C Bᵀ) V`` with ``L`` from :func:`resolvent_banded`, node tensors ``(b, T, H,
+    ·)`` as in :func:`sma_apply`, in one autograd node (:class:`_BandedMaskedAttention`)."""
+    if _shared_across_heads(B) and _shared_across_heads(C):
+        B, C = B[:, :, :1], C[:, :, :1]  # scores once for all heads (see sma_apply)
+    lay = band.layout
+    Vd, Bd, Cd = (to_head_blocks(t, lay) for t in (V, B, C))
+    flat = _band_entry_index_cached(edge_weight.shape[1], topo, band)
+    Y = _BandedMaskedAttention.apply(edge_weight, Vd, Bd, Cd, flat, lay.num_graphs,
+                                     band.num_blocks, band.block)
+    return from_head_blocks(Y, lay)
 
 
 def resolvent_dag_rows(edge_weight: Tensor, topo: Topology, layout: BlockLayout) -> Tensor:

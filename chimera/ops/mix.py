@@ -278,11 +278,11 @@ def resolvent(edge_weight: Tensor, topology: Topology, method: Method = "exact",
             return L.unsqueeze(1), layout
     if method == "exact" and is_dag:
         return dense.resolvent_dag_rows(edge_weight, topology, layout), layout
+    band = _band_for(edge_weight, topology, method)
+    if band is not None:
+        # near-chain graphs (molecules): block-tridiagonal elimination, O(n^2 s)
+        return dense.resolvent_banded(edge_weight, topology, band), band.layout
     if method == "exact":
-        band = dense.band_layout(topology)
-        if band is not None and dense.diagonally_dominant(edge_weight, topology):
-            # near-chain graphs (molecules): block-tridiagonal elimination, O(n^2 s)
-            return dense.resolvent_banded(edge_weight, topology, band), band.layout
         # edge weights -> L by one LU solve in one Function (edge-only backward)
         return dense.resolvent_exact_edges(edge_weight, topology, layout), layout
     A = dense.dense_adjacency(edge_weight, topology, layout)
@@ -301,7 +301,23 @@ def resolvent(edge_weight: Tensor, topology: Topology, method: Method = "exact",
     return L, layout
 
 
+def _band_for(edge_weight: Tensor, topology: Topology, method: str) -> dense.BandLayout | None:
+    """The band layout for the block-tridiagonal elimination: the exact resolvent of a graph
+    with cycles whose band pays off and whose ``I - A`` is diagonally dominant (lines try
+    their closed forms first, see :func:`resolvent`)."""
+    if method != "exact" or topology.is_dag:
+        return None
+    band = dense.band_layout(topology)
+    if band is None or not dense.diagonally_dominant(edge_weight, topology):
+        return None
+    return band
+
+
 def _mix_dense(V, B, C, w, topo, method, num_terms) -> Tensor:
+    band = None if line_kind(topo) is not None else _band_for(w, topo, method)
+    if band is not None and not torch.is_autocast_enabled(V.device.type):
+        # resolvent and masked product in one node (dense.mix_banded)
+        return dense.mix_banded(V, B, C, w, topo, band)
     L, layout = resolvent(w, topo, method, num_terms)
     if method == "reference":
         V, B, C = V.double(), B.double(), C.double()

@@ -174,10 +174,12 @@ class _NeighbourConv(torch.autograd.Function):
 def _apply_sparse(P: Tensor, x: Tensor) -> Tensor:
     """``P @ x[k]`` for every batch element of ``x (b, T, C)``, as one sparse product."""
     b, T, c = x.shape
-    if b == 1:
-        return (P @ x[0]).unsqueeze(0)
-    out = P @ x.transpose(0, 1).reshape(T, b * c)
-    return out.view(T, b, c).transpose(0, 1)
+    dense = x[0] if b == 1 else x.transpose(0, 1).reshape(T, b * c)
+    # addmm into a fresh buffer with beta=0: `P @ x` zero-fills its result and copies it
+    # twice on CPU (64 peptides, 288 channels: 4.4 -> 1.2 ms)
+    out = dense.new_empty(T, dense.shape[1])
+    torch.addmm(out, P, dense.contiguous(), beta=0, out=out)
+    return out.unsqueeze(0) if b == 1 else out.view(T, b, c).transpose(0, 1)
 
 
 class GraphConv(nn.Module):

@@ -13,6 +13,7 @@ on the scheduling.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,14 +23,21 @@ from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_POOL_PID = 0
 _POOL_LOCK = threading.Lock()
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    global _POOL
+    """A process-wide pool of at least ``workers`` threads (a new one in a forked child, whose
+    copy of the parent's pool has no threads)."""
+    global _POOL, _POOL_SIZE, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < workers:  # noqa: SLF001
+        if _POOL is None or _POOL_SIZE < workers or _POOL_PID != os.getpid():
+            if _POOL is not None and _POOL_PID == os.getpid():
+                _POOL.shutdown(wait=False)
             _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chimera-bucket")
+            _POOL_SIZE, _POOL_PID = workers, os.getpid()
         return _POOL
 
 

@@ -599,3 +599,27 @@ def test_threaded_buckets_one_backward_and_the_switch():
     finally:
         chimera.buckets.set_threaded(True)
         torch.set_num_threads(before)
+
+
+
+def test_bucket_pool_in_a_forked_child():
+    """A process forked after the bucket threads started gets its own pool (a fork copies the
+    pool without its threads, where work submitted would never run)."""
+    import multiprocessing as mp
+
+    import chimera.buckets
+
+    assert chimera.buckets._run(2, _double, [2, 0, 1]) == {0: 0, 1: 2, 2: 4}  # pool started
+    with mp.get_context("fork").Pool(1) as pool:
+        out = pool.apply_async(_bucket_run_in_child).get(timeout=60)
+    assert out == {0: 0, 1: 2, 2: 4}
+
+
+def _double(k: int) -> int:
+    return 2 * k
+
+
+def _bucket_run_in_child() -> dict:
+    import chimera.buckets
+
+    return chimera.buckets._run(2, _double, [2, 0, 1])

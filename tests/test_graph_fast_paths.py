@@ -619,17 +619,25 @@ def test_masked_attention_function_matches_autograd(shared: bool):
         return dense.sma_apply(L, V, heads(B), heads(C), layout)
 
     def plain(L, V, B, C):
-        Vd, Bd, Cd = (dense.to_head_blocks(t, layout) for t in (V, heads(B), heads(C)))
-        return dense.from_head_blocks((L * (Cd @ Bd.transpose(-1, -2))) @ Vd, layout)
+        return _plain_sma(L, V, heads(B), heads(C), layout)
 
-    ins = [L, V, B, C]
+    _assert_same_and_gradcheck(fast, plain, [L, V, B, C], tol=1e-12)
+
+
+def _plain_sma(L: Tensor, V: Tensor, B: Tensor, C: Tensor, layout) -> Tensor:
+    """``(L ∘ C Bᵀ) V`` by plain autograd ops on the blocks of ``layout``."""
+    Vd, Bd, Cd = (dense.to_head_blocks(t, layout) for t in (V, B, C))
+    return dense.from_head_blocks((L * (Cd @ Bd.transpose(-1, -2))) @ Vd, layout)
+
+
+def _assert_same_and_gradcheck(fast, oracle, ins: list[Tensor], tol: float) -> None:
+    """``fast`` equals ``oracle`` in values and gradients at ``ins``, and passes gradcheck."""
     y, g = _grads(fast, ins)
-    y_ref, g_ref = _grads(plain, ins)
-    torch.testing.assert_close(y, y_ref, atol=1e-12, rtol=1e-12)
+    y_ref, g_ref = _grads(oracle, ins)
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
     for a, b in zip(g, g_ref, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
-    args = [t.detach().clone().requires_grad_(True) for t in ins]
-    assert torch.autograd.gradcheck(fast, args)
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    assert torch.autograd.gradcheck(fast, [t.detach().clone().requires_grad_(True) for t in ins])
 
 
 def test_banded_masked_attention_node_with_shared_scores():
@@ -650,16 +658,7 @@ def test_banded_masked_attention_node_with_shared_scores():
         return dense.mix_banded(V, heads(B), heads(C), w, topo, band)
 
     def oracle(V, B, C, w):
-        lay = band.layout
-        L = dense.resolvent_reference(dense.dense_adjacency(w, topo, lay))
-        Vd, Bd, Cd = (dense.to_head_blocks(t, lay) for t in (V, heads(B), heads(C)))
-        return dense.from_head_blocks((L * (Cd @ Bd.transpose(-1, -2))) @ Vd, lay)
+        L = dense.resolvent_reference(dense.dense_adjacency(w, topo, band.layout))
+        return _plain_sma(L, V, heads(B), heads(C), band.layout)
 
-    ins = [V, B, C, w]
-    y, g = _grads(fused, ins)
-    y_ref, g_ref = _grads(oracle, ins)
-    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
-    for a, b in zip(g, g_ref, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
-    args = [t.detach().clone().requires_grad_(True) for t in ins]
-    assert torch.autograd.gradcheck(fused, args)
+    _assert_same_and_gradcheck(fused, oracle, [V, B, C, w], tol=1e-10)

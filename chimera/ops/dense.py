@@ -641,6 +641,79 @@ def _band_entry_index_cached(h: int, topo: Topology, band: BandLayout) -> Tensor
     return _cached_per_layout(topo, band.layout, f"band_entry_index_{h}", build)
 
 
+class _BandedTriangularResolvent(torch.autograd.Function):
+    """``L = (I - A(w))^-1`` of a DAG in a band layout whose positions are topological (the
+    down DAG of a BFS pair, or the up DAG in the same positions): ``I - A`` is block lower (or
+    upper) bidiagonal, so no factorisation is needed. With ``D_i = T_ii`` (unit triangular,
+    inverted in one batched call) and ``F_i = D_i^-1 T_{i,i-1}``: ``X_i = D_i^-1 E_i - F_i
+    X_{i-1}`` in one sweep of ``nb`` products over the lower part; the adjoint is one sweep over
+    ``Tᵀ``, then the same windowed edge gradient as :class:`_BandedResolvent`."""
+
+    @staticmethod
+    @autocast_off
+    def forward(ctx, w: Tensor, flat: Tensor, num_graphs: int, nb: int, s: int,
+                upper: bool) -> Tensor:
+        b, h, _ = w.shape
+        n, m = nb * s, b * num_graphs * h
+        blocks = _band_blocks(w, flat, num_graphs, nb, s).view(m, nb, 3, s, s)
+        blocks = blocks.permute(1, 2, 0, 3, 4).contiguous()
+        dg, off = blocks[:, 1], blocks[:, 2 if upper else 0]
+        cpu = w.device.type == "cpu"
+        with single_threaded_cpu(cpu), flush_denormal_cpu(cpu):  # see _band_solve
+            eye = torch.eye(s, dtype=w.dtype, device=w.device)
+            d_inv = torch.linalg.solve_triangular(dg, eye.expand_as(dg), upper=upper,
+                                                  unitriangular=True)
+            F = torch.bmm(d_inv.flatten(0, 1), off.flatten(0, 1)).view_as(d_inv)
+            L_padded = w.new_zeros(m * n + 2 * s, n)
+            L = L_padded[s:-s].view(m, nb, s, n)
+            L.view(m, nb, s, nb, s).diagonal(dim1=1, dim2=3).copy_(d_inv.permute(1, 2, 3, 0))
+            Lr, Fr = L.unbind(1), F.unbind(0)
+            flat_buf = torch.empty(m * s * n, dtype=w.dtype, device=w.device)
+            steps = range(nb - 2, -1, -1) if upper else range(1, nb)
+            for i in steps:  # the other rows' nonzero columns: after block i (upper), before
+                cols = slice((i + 1) * s, n) if upper else slice(0, i * s)
+                width = n - (i + 1) * s if upper else i * s
+                prev = Lr[i + 1] if upper else Lr[i - 1]
+                out = flat_buf[: m * s * width].view(m, s, width)
+                Lr[i][:, :, cols].sub_(torch.bmm(Fr[i], prev[:, :, cols], out=out))
+        flush_tiny_into(L, L)
+        ctx.save_for_backward(L_padded, d_inv, off, flat)
+        ctx.upper = upper
+        return L.view(b, num_graphs, h, n, n)
+
+    @staticmethod
+    def backward(ctx, gL: Tensor):
+        L_padded, d_inv, off, flat = ctx.saved_tensors
+        nb, m, s, _ = d_inv.shape
+        n = nb * s
+        M = gL.reshape(m, nb, s, n).clone(memory_format=torch.contiguous_format)
+        cpu = gL.device.type == "cpu"
+        with single_threaded_cpu(cpu), flush_denormal_cpu(cpu):
+            Mr, dT, offT = M.unbind(1), d_inv.mT.unbind(0), off.mT.unbind(0)
+            buf, buf2 = torch.empty(2, m, s, n, dtype=gL.dtype, device=gL.device)
+            # T^T is block upper bidiagonal for a lower T (block (i, i+1) = T_{i+1,i}^T) and
+            # block lower bidiagonal for an upper T (block (i, i-1) = T_{i-1,i}^T)
+            first = 0 if ctx.upper else nb - 1
+            Mr[first].copy_(torch.bmm(dT[first], Mr[first], out=buf))
+            for i in (range(1, nb) if ctx.upper else range(nb - 2, -1, -1)):
+                j = i - 1 if ctx.upper else i + 1
+                torch.baddbmm(Mr[i], offT[j], Mr[j], alpha=-1, out=buf)
+                Mr[i].copy_(torch.bmm(dT[i], buf, out=buf2))
+        flush_tiny_into(M, M)
+        return (_band_edge_gradient(M, L_padded, flat, gL.shape[0]),
+                None, None, None, None, None)
+
+
+def resolvent_dag_banded(edge_weight: Tensor, topo: Topology, band: BandLayout,
+                         triangle: str) -> Tensor:
+    """``L (b, G, H, n, n)`` of the DAG ``topo`` in ``band.layout``, where it is ``triangle``
+    (see :func:`triangle_of`), by the block-bidiagonal sweep of
+    :class:`_BandedTriangularResolvent`."""
+    flat = _band_entry_index_cached(edge_weight.shape[1], topo, band)
+    return _BandedTriangularResolvent.apply(edge_weight, flat, band.layout.num_graphs,
+                                            band.num_blocks, band.block, triangle == "upper")
+
+
 def mix_banded(V: Tensor, B: Tensor, C: Tensor, edge_weight: Tensor, topo: Topology,
                band: BandLayout) -> Tensor:
     """``Y = (L ∘ C Bᵀ) V`` with ``L`` from :func:`resolvent_banded`, node tensors ``(b, T, H,

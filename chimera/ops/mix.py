@@ -242,12 +242,23 @@ def _mix_dag_rows_sum(V: Tensor, B: Tensor, C: Tensor, edge_weights: Sequence[Te
     layout = dense.topological_layout(dags[0])
     triangles = [dense.triangle_of(d, layout) for d in dags]
     triangular = all(triangles)
+    # near-chain graphs: the same topological positions in blocks, where every DAG of the pair
+    # is block bidiagonal (one sweep each, dense.resolvent_dag_banded)
+    band = dense.band_layout(dags[0]) if triangular else None
+    if band is not None:
+        band_triangles = [dense.triangle_of(d, band.layout) for d in dags]
+        if all(band_triangles):  # the same positions: always, but cheap to be sure
+            layout, triangles = band.layout, band_triangles
+        else:
+            band = None
     if not triangular:
         layout = dense.block_layout(dags[0])
     masks: dict[int, Tensor] = {}
     for dag, w, g, s, tri in zip(dags, edge_weights, groups, scales, triangles, strict=True):
-        if triangular:
-            L = dense.resolvent_dag_triangular(w, dag, layout, tri)  # (b, G, H, n, n)
+        if band is not None:
+            L = dense.resolvent_dag_banded(w, dag, band, tri)  # (b, G, H, n, n)
+        elif triangular:
+            L = dense.resolvent_dag_triangular(w, dag, layout, tri)
         else:
             L = dense.resolvent_dag_rows(w, dag, layout)
         if s is not None:  # scale the columns: L diag(s)

@@ -464,14 +464,16 @@ def _band_entry_index(graph: Tensor, row: Tensor, col: Tensor, h: int, nb: int,
 
 
 def _band_blocks(w: Tensor, flat: Tensor, num_graphs: int, nb: int, s: int) -> Tensor:
-    """The three block diagonals of ``I - A``: ``(b, G, H, nb, 3, s, s)`` with ``[..., i, 0]`` =
-    block ``(i, i-1)``, ``[..., i, 1]`` = ``(i, i)`` and ``[..., i, 2]`` = ``(i, i+1)``;
-    ``flat`` from :func:`_band_entry_index`."""
+    """The three block diagonals of ``I - A``, block-row-major: ``(nb, 3, m, s, s)`` with
+    ``m = b G H`` and ``[i, 0]`` = blocks ``(i, i-1)``, ``[i, 1]`` = ``(i, i)``, ``[i, 2]`` =
+    ``(i, i+1)``; ``flat`` from :func:`_band_entry_index` (which indexes them in
+    ``(b, G, H, nb, 3, s, s)`` order). Block-row-major so that every step of the sweeps reads
+    whole contiguous ``(m, s, s)`` batches."""
     b, h, E = w.shape
     blocks = w.new_zeros(b, num_graphs, h, nb, 3, s, s)
     blocks[..., 1, :, :].diagonal(dim1=-2, dim2=-1).fill_(1.0)
     blocks.view(b, -1).index_add_(-1, flat.flatten(), w.reshape(b, h * E), alpha=-1)
-    return blocks
+    return blocks.view(-1, nb, 3, s, s).permute(1, 2, 0, 3, 4).contiguous()
 
 
 def _band_edge_gradient(M: Tensor, L_padded: Tensor, flat: Tensor, b: int) -> Tensor:
@@ -533,10 +535,7 @@ def _band_solve(w: Tensor, flat: Tensor, num_graphs: int, nb: int,
     b, h, _ = w.shape
     n = nb * s
     m = b * num_graphs * h
-    # the factors block-row-major (nb, ., m, s, s): every step reads and writes whole
-    # contiguous (m, s, s) batches
-    blocks = _band_blocks(w, flat, num_graphs, nb, s).view(m, nb, 3, s, s)
-    blocks = blocks.permute(1, 2, 0, 3, 4).contiguous()
+    blocks = _band_blocks(w, flat, num_graphs, nb, s)
     lo, dg, up = blocks[:, 0], blocks[:, 1], blocks[:, 2]
     cpu = w.device.type == "cpu"
     # one thread with flush-to-zero: the decaying entries of L turn subnormal, and the flag
@@ -655,8 +654,7 @@ class _BandedTriangularResolvent(torch.autograd.Function):
                 upper: bool) -> Tensor:
         b, h, _ = w.shape
         n, m = nb * s, b * num_graphs * h
-        blocks = _band_blocks(w, flat, num_graphs, nb, s).view(m, nb, 3, s, s)
-        blocks = blocks.permute(1, 2, 0, 3, 4).contiguous()
+        blocks = _band_blocks(w, flat, num_graphs, nb, s)
         dg, off = blocks[:, 1], blocks[:, 2 if upper else 0]
         cpu = w.device.type == "cpu"
         with single_threaded_cpu(cpu), flush_denormal_cpu(cpu):  # see _band_solve

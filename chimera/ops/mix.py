@@ -245,12 +245,8 @@ def _mix_dag_rows_sum(V: Tensor, B: Tensor, C: Tensor, edge_weights: Sequence[Te
     # near-chain graphs: the same topological positions in blocks, where every DAG of the pair
     # is block bidiagonal (one sweep each, dense.resolvent_dag_banded)
     band = dense.band_layout(dags[0]) if triangular else None
-    if band is not None:
-        band_triangles = [dense.triangle_of(d, band.layout) for d in dags]
-        if all(band_triangles):  # the same positions: always, but cheap to be sure
-            layout, triangles = band.layout, band_triangles
-        else:
-            band = None
+    if band is not None:  # the same positions within each graph: the triangles hold
+        layout = band.layout
     if not triangular:
         layout = dense.block_layout(dags[0])
     masks: dict[int, Tensor] = {}
@@ -329,7 +325,10 @@ def _mix_dense(V, B, C, w, topo, method, num_terms) -> Tensor:
     if band is not None and not torch.is_autocast_enabled(V.device.type):
         # resolvent and masked product in one node (dense.mix_banded)
         return dense.mix_banded(V, B, C, w, topo, band)
-    L, layout = resolvent(w, topo, method, num_terms)
+    if band is not None:  # under autocast: the band's L, then the plain masked product
+        L, layout = dense.resolvent_banded(w, topo, band), band.layout
+    else:
+        L, layout = resolvent(w, topo, method, num_terms)
     if method == "reference":
         V, B, C = V.double(), B.double(), C.double()
     return dense.sma_apply(L, V, B, C, layout)

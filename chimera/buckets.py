@@ -150,10 +150,10 @@ class _ThreadedBuckets(torch.autograd.Function):
             ins, de, _ = results[k]
             g = per_bucket[k]
             for i, t in enumerate(ins):
-                if id(t) in g and g[id(t)] is not None:
-                    node_grads[i].index_copy_(1, nodes[k], g[id(t)])
-            if de is not None and id(de) in g and g[id(de)] is not None:
-                edge_grad.index_copy_(0, ctx.edges[k], g[id(de)])
+                if (gt := g.get(id(t))) is not None:
+                    node_grads[i].index_copy_(1, nodes[k], gt)
+            if de is not None and (gd := g.get(id(de))) is not None:
+                edge_grad.index_copy_(0, ctx.edges[k], gd)
             for i, p in enumerate(params):
                 gp = g.get(id(p))
                 if gp is not None:

@@ -347,7 +347,6 @@ class ChimeraMixer(nn.Module):
         node_perm = torch.cat(nodes)
         if node_perm.numel() != x.shape[1]:
             raise ValueError(f"the buckets hold {node_perm.numel()} nodes, x has {x.shape[1]}")
-        sizes = [int(n.numel()) for n in nodes]
         workers = min(bucket_threads(x.device), len(buckets))
         if workers > 1:
             def mix_one(k, Vk, Bk, Ck, dk, pk, dek):
@@ -357,11 +356,12 @@ class ChimeraMixer(nn.Module):
                                  num_terms=None if num_terms is None else num_terms[k])
 
             # the cost of a bucket's dense mixing grows like graphs x n^2
-            cost = [len(bk[2].ptr) * float(bk[2].ptr.diff().max()) ** 2 for bk in buckets]
+            cost = [bk[2].num_graphs * float(bk[2].ptr.diff().max()) ** 2 for bk in buckets]
             y = mix_buckets_threaded(mix_one, (V, Bs, Cs, delta, psi), delta_edge, [self.A_log],
                                      nodes, [bk[1] for bk in buckets], cost, workers)
             return self._output(y, V, z)
         # one gather per tensor into bucket order, then views per bucket (not one gather each)
+        sizes = [int(n.numel()) for n in nodes]
         per_bucket = [t.index_select(1, node_perm).split(sizes, dim=1)
                       for t in (V, Bs, Cs, delta, psi)]
         if delta_edge is not None:

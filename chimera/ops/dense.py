@@ -174,17 +174,22 @@ def _masked_attention_forward(L: Tensor, V: Tensor, B: Tensor,
     """``(Y, S, M)`` of :class:`_MaskedAttention` (``M`` is ``None`` when it goes head by
     head)."""
     S = C @ B.transpose(-1, -2)  # (.., H or 1, n, n)
-    h = L.shape[-3]
-    if S.shape[-3] == 1 and h > 1:
+    if S.shape[-3] == 1 and L.shape[-3] > 1:
         # head by head through one buffer: M = L ∘ S is neither kept nor made for all heads
-        M = torch.empty_like(L[..., :1, :, :])
         Y = V.new_empty(V.shape)
-        for k in range(h):
-            torch.mul(L[..., k:k + 1, :, :], S, out=M)
+        for k, M in _head_masks(L, S):
             Y[..., k:k + 1, :, :] = M @ V[..., k:k + 1, :, :]
         return Y, S, None
     M = L * S
     return M @ V, S, M
+
+
+def _head_masks(L: Tensor, S: Tensor):
+    """Yield ``(k, L_k ∘ S)`` for every head ``k`` of ``L (.., H, n, n)``, the product written
+    into one reused ``(.., 1, n, n)`` buffer (valid until the next step)."""
+    M = torch.empty_like(L[..., :1, :, :])
+    for k in range(L.shape[-3]):
+        yield k, torch.mul(L[..., k:k + 1, :, :], S, out=M)
 
 
 def _masked_attention_backward(L: Tensor, V: Tensor, B: Tensor, C: Tensor, S: Tensor,
@@ -194,10 +199,8 @@ def _masked_attention_backward(L: Tensor, V: Tensor, B: Tensor, C: Tensor, S: Te
     gM = gY @ V.transpose(-1, -2)
     if M is None:  # per head: M_k = L_k ∘ S again, through one buffer
         gV = torch.empty_like(V)
-        M = torch.empty_like(L[..., :1, :, :])
-        for k in range(L.shape[-3]):
-            torch.mul(L[..., k:k + 1, :, :], S, out=M)
-            gV[..., k:k + 1, :, :] = M.transpose(-1, -2) @ gY[..., k:k + 1, :, :]
+        for k, M_k in _head_masks(L, S):
+            gV[..., k:k + 1, :, :] = M_k.transpose(-1, -2) @ gY[..., k:k + 1, :, :]
     else:
         gV = M.transpose(-1, -2) @ gY
     if S.shape[-3] == 1:  # scores shared by the heads: accumulate gM ∘ L head by head

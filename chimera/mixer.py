@@ -92,6 +92,11 @@ class GatedRMSNorm(nn.RMSNorm):
                                      self.eps)
 
 
+def _pick(values: Sequence | None, k: int):
+    """``values[k]``, or ``None`` without values (per-bucket overrides)."""
+    return None if values is None else values[k]
+
+
 def sharing_groups(num_dags: int, sharing: Sharing) -> list[int]:
     """Which B/C (and dt) parameter group each DAG uses (paper App. B.2, Table 6).
 
@@ -347,34 +352,43 @@ class ChimeraMixer(nn.Module):
         node_perm = torch.cat(nodes)
         if node_perm.numel() != x.shape[1]:
             raise ValueError(f"the buckets hold {node_perm.numel()} nodes, x has {x.shape[1]}")
+        edges = [nb[1] for nb in buckets]
+        if self.resolvent == "general":
+            # the whole graph is its own (only) DAG, and its edge weights and normalisation are
+            # per edge and per node: computed once for the batch, not once per bucket (the
+            # buckets then hold only the resolvent and masked product; ~20 small ops fewer per
+            # bucket, which on CPU threads also contend less for the GIL)
+            ((_, _, w, scale),) = self._edge_weights(delta, psi, delta_edge, topology, None)
+            node_in = (V * scale.unsqueeze(-1), Bs, Cs)
+            edge_in, params = w.permute(2, 0, 1), []  # (E, b, H): buckets take rows
+
+            def run(k, Vk, Bk, Ck, wk):
+                sub = buckets[k][2].to(x.device)
+                part = (sub, self.groups[0], wk.permute(1, 2, 0), None)
+                return self._mix_weighted(Vk, Bk, Ck, [part], None, method=_pick(methods, k),
+                                          num_terms=_pick(num_terms, k))
+        else:
+            node_in, edge_in, params = (V, Bs, Cs, delta, psi), delta_edge, [self.A_log]
+
+            def run(k, Vk, Bk, Ck, dk, pk, dek):
+                sub = buckets[k][2].to(x.device)
+                return self._mix(Vk, Bk, Ck, dk, pk, dek, sub, None, method=_pick(methods, k),
+                                 num_terms=_pick(num_terms, k))
+
         workers = min(bucket_threads(x.device), len(buckets))
         if workers > 1:
-            def mix_one(k, Vk, Bk, Ck, dk, pk, dek):
-                sub = buckets[k][2].to(x.device)
-                return self._mix(Vk, Bk, Ck, dk, pk, dek, sub, None,
-                                 method=None if methods is None else methods[k],
-                                 num_terms=None if num_terms is None else num_terms[k])
-
             # the cost of a bucket's dense mixing grows like graphs x n^2
             cost = [bk[2].num_graphs * float(bk[2].ptr.diff().max()) ** 2 for bk in buckets]
-            y = mix_buckets_threaded(mix_one, (V, Bs, Cs, delta, psi), delta_edge, [self.A_log],
-                                     nodes, [bk[1] for bk in buckets], cost, workers)
+            y = mix_buckets_threaded(run, node_in, edge_in, params, nodes, edges, cost, workers)
             return self._output(y, V, z)
         # one gather per tensor into bucket order, then views per bucket (not one gather each)
         sizes = [int(n.numel()) for n in nodes]
-        per_bucket = [t.index_select(1, node_perm).split(sizes, dim=1)
-                      for t in (V, Bs, Cs, delta, psi)]
-        if delta_edge is not None:
-            edges = [nb[1] for nb in buckets]
-            de = delta_edge.index_select(0, torch.cat(edges)).split(
+        per_bucket = [t.index_select(1, node_perm).split(sizes, dim=1) for t in node_in]
+        if edge_in is not None:
+            per_edge = edge_in.index_select(0, torch.cat(edges)).split(
                 [int(e.numel()) for e in edges], dim=0)
-        ys = []
-        for k, (_, _, sub) in enumerate(buckets):
-            Vk, Bk, Ck, dk, pk = (t[k] for t in per_bucket)
-            ys.append(self._mix(Vk, Bk, Ck, dk, pk, None if delta_edge is None else de[k],
-                                sub.to(x.device), None,
-                                method=None if methods is None else methods[k],
-                                num_terms=None if num_terms is None else num_terms[k]))
+        ys = [run(k, *(t[k] for t in per_bucket), None if edge_in is None else per_edge[k])
+              for k in range(len(buckets))]
         inverse = torch.empty_like(node_perm)
         inverse[node_perm] = torch.arange(node_perm.numel(), device=node_perm.device)
         y = torch.cat(ys, dim=1).index_select(1, inverse)
@@ -419,15 +433,20 @@ class ChimeraMixer(nn.Module):
              method: str | None = None, num_terms: int | Tensor | None = None) -> Tensor:
         """Edge weights -> normalisation -> ``mix`` over every DAG (or the whole graph), summed:
         ``(b, T, H, P)``. ``method`` / ``num_terms`` override the mixer's own for this call."""
-        b, T, h, _ = V.shape
-        N = self.d_state
+        parts = self._edge_weights(delta, psi, delta_edge, topology, seg)
+        return self._mix_weighted(V, Bs, Cs, parts, seg, method=method, num_terms=num_terms)
+
+    def _edge_weights(self, delta: Tensor, psi: Tensor, delta_edge: Tensor | None,
+                      topology: Topology, seg: Segments | None) -> list[tuple]:
+        """Selectivity -> edge weights -> normalisation, per DAG (or the whole graph):
+        ``[(dag, group, w (b, H, E_dag), input scale (b, T, H))]``."""
+        b = delta.shape[0]
         dags = self._dags(topology)
         if len(dags) != self.num_dags:
             raise ValueError(
                 f"topology '{topology.name}' decomposes into {len(dags)} DAGs, this mixer expects "
                 f"{self.num_dags}"
             )
-        y = None
         parts = []
         for dag, g in zip(dags, self.groups, strict=True):
             d_g = delta[:, :, g]
@@ -445,25 +464,36 @@ class ChimeraMixer(nn.Module):
                 if keep is not None:
                     w = torch.where(keep.unsqueeze(1), w, 0.0)
                 if self.general_norm == "row":
-                    w = row_normalize(w, psi.reshape(b, T, h), dag, self.gamma)
+                    w = row_normalize(w, psi.reshape(*psi.shape[:2], -1), dag, self.gamma)
                 else:
                     w = two_cycle_normalize(w, dag, self.gamma)
                 scale = d_g
-            parts.append((dag, g, w, scale, method or self._method_for(dag)))
-        if all(p[4] == "exact" for p in parts):
+            parts.append((dag, g, w, scale))
+        return parts
+
+    def _mix_weighted(self, V: Tensor, Bs: Tensor, Cs: Tensor, parts: list[tuple],
+                      seg: Segments | None, *, method: str | None = None,
+                      num_terms: int | Tensor | None = None) -> Tensor:
+        """``mix`` over the DAGs of :meth:`_edge_weights` (a scale of ``None``: ``V`` is
+        already scaled), summed: ``(b, T, H, P)``."""
+        b, T, h, _ = V.shape
+        N = self.d_state
+        methods = [method or self._method_for(p[0]) for p in parts]
+        y = None
+        if all(m == "exact" for m in methods):
             # one call for all DAGs: on a grid, the corners' masks are merged per B/C group and
             # mixed in one SMA (chimera.ops.grid.mix_grid_corners); elsewhere the same as below
-            y = mix_sum(V, Bs, Cs, [p[2] for p in parts], dags, self.groups,
+            y = mix_sum(V, Bs, Cs, [p[2] for p in parts], [p[0] for p in parts], self.groups,
                         [p[3] for p in parts], method="exact")
-        for dag, g, w, scale, m in parts if y is None else ():
+        for (dag, g, w, scale), m in zip(parts, methods, strict=True) if y is None else ():
             Bg = Bs[:, :, g, None, :].expand(b, T, h, N)
             Cg = Cs[:, :, g, None, :].expand(b, T, h, N)
             k = num_terms if num_terms is not None else self._num_terms(m, seg)
-            y_k = mix(V * scale.unsqueeze(-1), Bg, Cg, w, dag, method=m,
-                      num_terms=k, chunk_size=self.chunk_size)
+            Vs = V if scale is None else V * scale.unsqueeze(-1)
+            y_k = mix(Vs, Bg, Cg, w, dag, method=m, num_terms=k, chunk_size=self.chunk_size)
             y = y_k if y is None else y + y_k
         if self.dag_sum == "sqrt":
-            y = y / math.sqrt(len(dags))
+            y = y / math.sqrt(len(parts))
         return y
 
     def _output(self, y: Tensor, V: Tensor, z: Tensor) -> Tensor:

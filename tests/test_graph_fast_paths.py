@@ -2,6 +2,8 @@
 (``dense.resolvent_exact_edges``), the ``bmm`` SMA layout, the vectorised sweep plans and the
 one-SMA sum over a DAG pair (``mix_sum``)."""
 
+import warnings
+
 import pytest
 import torch
 from torch import Tensor
@@ -480,6 +482,55 @@ def test_band_layout_is_block_tridiagonal_and_banded_resolvent_matches_the_oracl
     torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
     for a, b in zip(gy, gr, strict=True):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("scripted", [True, False])
+def test_band_sweeps_scripted_and_python_match_the_oracle(scripted):
+    """The band's sweeps (:mod:`chimera.ops.band_sweeps`) compiled by TorchScript (the default,
+    and here it must compile: no silent fallback) and as plain Python give the LU oracle's
+    resolvent and edge gradients, through the masked product's fused node too."""
+    from chimera.ops import band_sweeps
+
+    topo = _batch(_chain_with_rings(45, 4), _chain_with_rings(70, 5))
+    band = dense.band_layout(topo)
+    assert band is not None and band.num_blocks >= 4
+    w = _small_weights(topo, random_inputs(topo, b=1, h=2)[3])
+    V, B, C, _ = random_inputs(topo, b=1, h=2)
+    L_ref, (g_ref,) = _grads(
+        lambda w: dense.resolvent_reference(dense.dense_adjacency(w, topo, band.layout)), [w])
+    y_ref, gy_ref = _grads(lambda *a: mix(*a, topo, method="reference"), [V, B, C, w])
+    try:
+        band_sweeps.set_scripted(scripted)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a failed compile would warn
+            L, (g,) = _grads(lambda w: dense.resolvent_banded(w, topo, band), [w])
+            y, gy = _grads(lambda *a: dense.mix_banded(*a, topo, band), [V, B, C, w])
+        kinds = {type(band_sweeps._impl(f)).__name__
+                 for f in (band_sweeps.factor, band_sweeps.fill_inverse, band_sweeps.adjoint_)}
+        assert kinds == ({"ScriptFunction"} if scripted else {"function"})
+    finally:
+        band_sweeps.set_scripted(True)
+    torch.testing.assert_close(L, L_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-10)
+    for a, b in zip(gy, gy_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_band_sweeps_fall_back_to_python_with_a_warning():
+    """A function TorchScript cannot compile runs as Python, after a warning that names it."""
+    from chimera.ops import band_sweeps
+
+    def not_scriptable(x):
+        try:  # TorchScript has no try/except
+            return x * 2
+        except RuntimeError:
+            return x
+
+    with pytest.warns(RuntimeWarning, match="not_scriptable"):
+        f = band_sweeps._impl(not_scriptable)
+    band_sweeps._compiled.pop("not_scriptable", None)
+    assert f is not_scriptable and float(f(torch.tensor(2.0))) == 4.0
 
 
 def test_banded_resolvent_gradcheck_and_the_fallbacks():

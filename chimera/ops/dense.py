@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from chimera.ops import band_sweeps
 from chimera.ops.linalg import (
     autocast_off,
     flush_denormal_cpu,
@@ -546,36 +547,19 @@ def _band_solve(w: Tensor, flat: Tensor, num_graphs: int, nb: int,
     # the loops index views unbound once (a Python index per step and operand is most of a
     # small product's cost)
     with single_threaded_cpu(cpu), flush_denormal_cpu(cpu):
-        d_inv = torch.empty_like(dg)
-        g = torch.zeros_like(dg)  # G_i; G_0 unused
-        di, gi, lo_, dg_, up_ = (t.unbind(0) for t in (d_inv, g, lo, dg, up))
-        # the D_i are strictly diagonally dominant like I - A (Schur complements keep it):
-        # never singular, so the unchecked batched inverse
-        info = torch.empty(m, dtype=torch.int32, device=w.device)
-        torch.linalg.inv_ex(dg_[0], out=(di[0], info))
-        for i in range(1, nb):
-            torch.bmm(di[i - 1], up_[i - 1], out=gi[i])
-            torch.linalg.inv_ex(torch.baddbmm(dg_[i], lo_[i], gi[i], alpha=-1), out=(di[i], info))
-        f = torch.zeros_like(dg)  # F_i = T_{i,i-1} D_{i-1}^-1; F_0 unused
-        torch.bmm(lo[1:].flatten(0, 1), d_inv[:-1].flatten(0, 1), out=f[1:].flatten(0, 1))
-        fi = f.unbind(0)
-        # L is built in place, (m, nb, s, n), stored with s zero rows before and after for
-        # the edge gradient's windows; each step's product goes to a contiguous buffer (a
-        # product into a strided block row falls back to one GEMM per matrix)
-        L_padded = w.new_zeros(m * n + 2 * s, n)
+        d_inv, g = band_sweeps.run_factor(lo, dg, up)
+        # -F_i = -T_{i,i-1} D_{i-1}^-1 and -G_i, for i = 1 .. nb - 1
+        neg_f = torch.bmm(lo[1:].flatten(0, 1), d_inv[:-1].flatten(0, 1)).neg_()
+        neg_g = g[1:].neg()
+        # L is stored with s zero rows before and after it for the edge gradient's windows;
+        # every entry of L itself is written by the sweep
+        L_padded = w.new_empty(m * n + 2 * s, n)
+        L_padded[:s].zero_()
+        L_padded[-s:].zero_()
         L = L_padded[s:-s].view(m, nb, s, n)
-        L.view(m, n, n).diagonal(dim1=-2, dim2=-1).fill_(1.0)  # Y, then X
-        Lr = L.unbind(1)
-        buf, buf2 = torch.empty(2, m, s, n, dtype=w.dtype, device=w.device)
-        flat_buf = buf.view(-1)
-        for i in range(1, nb):  # Y_{i-1} is zero from column i s on
-            c = i * s
-            out = flat_buf[: m * s * c].view(m, s, c)
-            Lr[i][:, :, :c].sub_(torch.bmm(fi[i], Lr[i - 1][:, :, :c], out=out))
-        Lr[nb - 1].copy_(torch.bmm(di[nb - 1], Lr[nb - 1], out=buf))
-        for i in range(nb - 2, -1, -1):
-            torch.baddbmm(Lr[i], up_[i], Lr[i + 1], alpha=-1, out=buf)
-            Lr[i].copy_(torch.bmm(di[i], buf, out=buf2))
+        buf = torch.empty(m * s * n, dtype=w.dtype, device=w.device)
+        band_sweeps.run_fill_inverse(L.view(m, n, n), d_inv, neg_g, neg_f.view(nb - 1, m, s, s),
+                                     buf)
     flush_tiny_into(L, L)  # subnormals slow every product with L (flush_tiny)
     return L_padded, L, d_inv, g, lo
 
@@ -586,14 +570,8 @@ def _band_adjoint_(M: Tensor, d_inv: Tensor, g: Tensor, lo: Tensor) -> Tensor:
     nb, m, s, _ = d_inv.shape
     cpu = M.device.type == "cpu"
     with single_threaded_cpu(cpu), flush_denormal_cpu(cpu):  # as in the forward
-        buf, buf2 = torch.empty(2, m, s, M.shape[-1], dtype=M.dtype, device=M.device)
-        Mr, gT, dT, loT = M.unbind(1), g.mT.unbind(0), d_inv.mT.unbind(0), lo.mT.unbind(0)
-        for i in range(1, nb):
-            Mr[i].sub_(torch.bmm(gT[i], Mr[i - 1], out=buf))
-        Mr[nb - 1].copy_(torch.bmm(dT[nb - 1], Mr[nb - 1], out=buf))
-        for i in range(nb - 2, -1, -1):
-            torch.baddbmm(Mr[i], loT[i + 1], Mr[i + 1], alpha=-1, out=buf)
-            Mr[i].copy_(torch.bmm(dT[i], buf, out=buf2))
+        buf = torch.empty(2, m, s, M.shape[-1], dtype=M.dtype, device=M.device)
+        band_sweeps.run_adjoint_(M, d_inv, g, lo, buf)
     return flush_tiny_into(M, M)
 
 

@@ -23,9 +23,22 @@ from chimera.topology import Topology
 
 
 def segment_sum(values: Tensor, index: Tensor, num_segments: int) -> Tensor:
-    """Sum ``values (b, h, E)`` into ``(b, h, num_segments)`` bins given by ``index (E,)``."""
+    """Sum ``values (b, h, E)`` into ``(b, h, num_segments)`` bins given by ``index (E,)``.
+
+    Why ``scatter_add`` with the index broadcast over ``(b, h)``: its backward is a ``gather``,
+    where ``index_add``'s is an ``index_select`` along the last axis, a slow path on CPU (64
+    peptides, 4 heads: 1.2 -> 0.25 ms forward + backward)."""
     out = values.new_zeros(*values.shape[:-1], num_segments)
-    return out.index_add(-1, index, values)
+    return out.scatter_add(-1, index.expand(values.shape), values)
+
+
+def gather_nodes(values: Tensor, index: Tensor) -> Tensor:
+    """``values[..., index]`` for node values ``(b, h, T)`` and an index ``(E,)``: ``(b, h, E)``.
+
+    Why ``gather`` (index broadcast over ``(b, h)``) and not ``index_select(-1, index)``: the
+    latter takes a slow path on CPU (64 peptides, 4 heads: ~1 ms against 0.09 ms), and
+    ``gather``'s backward is a ``scatter_add``."""
+    return values.gather(-1, index.expand(*values.shape[:-1], index.numel()))
 
 
 def edge_selectivity(
@@ -42,13 +55,11 @@ def edge_selectivity(
     """
     d = delta.transpose(1, 2)  # (b, h, T)
     if mode == "target":
-        out = d.index_select(-1, topology.dst)
+        out = gather_nodes(d, topology.dst)
         return out if delta_edge is None else (out + delta_edge) / 2
     if mode != "mean":
         raise ValueError(f"unknown edge selectivity mode {mode!r}")
-    # index_select: its backward is an index_add (advanced indexing's runs an accumulating
-    # index_put, several times slower on CPU)
-    total = d.index_select(-1, topology.src) + d.index_select(-1, topology.dst)
+    total = gather_nodes(d, topology.src) + gather_nodes(d, topology.dst)
     if delta_edge is None:
         return total / 2
     return (total + delta_edge) / 3
@@ -97,7 +108,7 @@ def dag_normalize(
         div = indeg.clamp(min=1).sqrt()
     else:
         raise ValueError(f"unknown DAG normaliser {divisor!r}; use 'count' or 'sqrt'")
-    weight = torch.exp(log_weight) / div.index_select(-1, dst)
+    weight = torch.exp(log_weight) / gather_nodes(div, dst)
     neg_log = -log_weight
     if keep is not None:
         weight = torch.where(keep, weight, 0.0)
@@ -120,7 +131,7 @@ def row_normalize(weight: Tensor, psi: Tensor, topology: Topology, gamma: float 
     row_sum = segment_sum(weight, dst, topology.num_nodes)
     # the clamp keeps an all-underflowed row (huge delta, very negative psi) at 0 instead of 0/0
     denom = (row_sum + torch.exp(psi.transpose(1, 2))).clamp(min=torch.finfo(weight.dtype).tiny)
-    return gamma * weight / denom.index_select(-1, dst)
+    return gamma * weight / gather_nodes(denom, dst)
 
 
 def two_cycle_normalize(weight: Tensor, topology: Topology, gamma: float = 0.95) -> Tensor:

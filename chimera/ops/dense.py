@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from chimera.norm import segment_sum
 from chimera.ops import band_sweeps
 from chimera.ops.linalg import (
     autocast_off,
@@ -289,7 +290,9 @@ def _edge_blocks(w: Tensor, graph: Tensor, row: Tensor, col: Tensor, num_graphs:
     T = w.new_zeros(b, num_graphs, h, n, n)
     if i_minus:
         T.diagonal(dim1=-2, dim2=-1).fill_(1.0)
-    T.view(b, -1).index_add_(-1, flat.flatten(), w.reshape(b, h * E), alpha=-1 if i_minus else 1)
+    # scatter_add_: index_add_ with alpha takes a slow path on CPU (see _band_blocks)
+    vals = w.reshape(b, h * E)
+    T.view(b, -1).scatter_add_(-1, flat.view(1, -1).expand(b, -1), -vals if i_minus else vals)
     return T
 
 
@@ -450,9 +453,7 @@ def diagonally_dominant(edge_weight: Tensor, topo: Topology) -> bool:
     """Whether every row of ``A`` has absolute sum below 1 (``I - A`` strictly row diagonally
     dominant; the row normalisation of Sec. 3.3 guarantees ``< gamma``), in every batch and head:
     then block elimination needs no pivoting across blocks."""
-    rows = edge_weight.new_zeros(*edge_weight.shape[:-1], topo.num_nodes)
-    rows.index_add_(-1, topo.dst, edge_weight.abs())
-    return bool((rows < 1).all())
+    return bool((segment_sum(edge_weight.abs(), topo.dst, topo.num_nodes) < 1).all())
 
 
 def _band_entry_index(graph: Tensor, row: Tensor, col: Tensor, h: int, nb: int,
@@ -476,7 +477,9 @@ def _band_blocks(w: Tensor, flat: Tensor, num_graphs: int, nb: int, s: int) -> T
     b, h, E = w.shape
     blocks = w.new_zeros(b, num_graphs, h, nb, 3, s, s)
     blocks[..., 1, :, :].diagonal(dim1=-2, dim2=-1).fill_(1.0)
-    blocks.view(b, -1).index_add_(-1, flat.flatten(), w.reshape(b, h * E), alpha=-1)
+    # scatter_add_ (duplicate edges add up): index_add_ with alpha took a slow path on CPU,
+    # 0.8 ms against 0.02 ms for a bucket of 4 peptides
+    blocks.view(b, -1).scatter_add_(-1, flat.view(1, -1).expand(b, -1), -w.reshape(b, h * E))
     return blocks.view(-1, nb, 3, s, s).permute(1, 2, 0, 3, 4).contiguous()
 
 

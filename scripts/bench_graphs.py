@@ -13,10 +13,10 @@ interleaved round by round so that a load change on a shared machine hits every 
 
 Layers (``--layers``): ``chimera_exact``, ``chimera_neumann`` (K = diameter per graph),
 ``chimera_dag`` (BFS-DAG pair) - :class:`chimera.models.graph.ChimeraGraphConv` with edge
-features, its batch structure (size buckets of ``--graphs-per-bucket`` graphs, the layer's and
-``GraphModel``'s default 4; 0 = the whole batch in one call) built outside the timed call as
-``GraphModel`` shares it across its layers - ``gps`` (PyG ``GPSConv`` with a GINE local MPNN,
-4 heads) and ``gcn`` (``GCNConv``).
+features, its batch structure (size buckets of ``--graphs-per-bucket`` graphs: the layer's and
+``GraphModel``'s default ``auto``, sizes from a cost model; 0 = the whole batch in one call)
+built outside the timed call as ``GraphModel`` shares it across its layers - ``gps`` (PyG
+``GPSConv`` with a GINE local MPNN, 4 heads) and ``gcn`` (``GCNConv``).
 
 Graphs: ``random-<n>``: one random molecule-like graph of ``n`` nodes (a random spanning tree of
 maximum degree 4 plus ring closures, mean degree ~2.1 as in Peptides-func; ``--sizes``,
@@ -115,7 +115,7 @@ class ChimeraLayer(nn.Module):
     (as :class:`~chimera.models.graph.GraphModel` shares it across its layers)."""
 
     def __init__(self, hidden: int, heads: int, d_state: int, method: str,
-                 graphs_per_bucket: int | None = 4) -> None:
+                 graphs_per_bucket: int | str | None = "auto") -> None:
         super().__init__()
         self.conv = ChimeraGraphConv(hidden, heads=heads, d_state=d_state, edge_dim=hidden,
                                      method=method, graphs_per_bucket=graphs_per_bucket)
@@ -126,7 +126,7 @@ class ChimeraLayer(nn.Module):
 
 
 def build_layer(name: str, hidden: int, heads: int, d_state: int,
-                graphs_per_bucket: int | None = 4) -> nn.Module:
+                graphs_per_bucket: int | str | None = "auto") -> nn.Module:
     if name == "gcn":
         return GCNLayer(hidden)
     if name == "gps":
@@ -216,7 +216,7 @@ def report(rows: list[dict], args, out: Path, total_s: float) -> str:
     lines = ["# Graph layers: forward + backward time and peak memory", "",
              f"hidden {args.hidden}, heads {args.heads}, Chimera state {args.d_state}, "
              f"{torch.get_num_threads()} threads, device cpu, Chimera size buckets of "
-             f"{args.graphs_per_bucket or 'all'} graphs, median of {args.repeats} "
+             f"{args.graphs_per_bucket or 'all'} graphs per bucket, median of {args.repeats} "
              f"interleaved rounds; total {total_s:.0f} s. Peak memory: tensor storages created "
              f"during the call (a lower bound on CPU).", "",
              "| case | nodes | " + " | ".join(f"{x} ms" for x in layers) + " | "
@@ -275,6 +275,10 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _per_bucket(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
@@ -287,8 +291,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)     # Peptides-struct: 4 heads, state 80
     p.add_argument("--d-state", type=int, default=80)
-    p.add_argument("--graphs-per-bucket", type=int, default=4,
-                   help="Chimera size buckets (0: the whole batch in one call)")
+    p.add_argument("--graphs-per-bucket", type=_per_bucket, default="auto",
+                   help="Chimera size buckets: graphs per bucket, 'auto' (the layer's default: "
+                        "sizes by a cost model) or 0 (the whole batch in one call)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budget", type=float, default=20.0, help="seconds per call before skipping")

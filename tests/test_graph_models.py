@@ -223,7 +223,7 @@ def test_layer_buckets_equal_one_call_with_gradients(method, k_mode, threads):
     try:
         chimera.buckets._ThreadedBuckets.apply = lambda *a: calls.append(1) or apply(*a)
         torch.set_num_threads(threads)
-        for per_bucket in (None, 2):
+        for per_bucket in (None, 2, "auto"):
             torch.manual_seed(5)
             conv = ChimeraGraphConv(8, edge_dim=3, method=method, graphs_per_bucket=per_bucket,
                                     k_mode=k_mode, **SMALL).double()
@@ -236,8 +236,9 @@ def test_layer_buckets_equal_one_call_with_gradients(method, k_mode, threads):
         torch.set_num_threads(before)
     assert bool(calls) == (threads > 1)
     assert all(g is not None for g in outs[1])  # every parameter gets a gradient
-    for a, c in zip(outs[0], outs[1], strict=True):
-        torch.testing.assert_close(c, a, atol=1e-9, rtol=1e-7)
+    for other in outs[1:]:
+        for a, c in zip(outs[0], other, strict=True):
+            torch.testing.assert_close(c, a, atol=1e-9, rtol=1e-7)
 
 
 def test_mixer_forward_buckets_in_any_order_equals_forward():

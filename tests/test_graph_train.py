@@ -342,3 +342,41 @@ def test_bucket_graphs_partitions_nodes_and_edges():
     assert torch.equal(edges, torch.arange(batch.num_edges))
     with pytest.raises(ValueError, match="graphs_per_bucket"):
         bucket_graphs(batch.edge_index, batch.batch, 5, 0)
+    auto = bucket_graphs(batch.edge_index, batch.batch, 5, "auto")
+    assert sorted(torch.cat([p.graph_ids for p in auto.parts]).tolist()) == list(range(5))
+    with pytest.raises(ValueError, match="one entry per graph"):
+        bucket_graphs(batch.edge_index, batch.batch, 5, "auto", diameter=torch.ones(3))
+
+
+def test_auto_bucket_sizes_minimise_the_cost_model():
+    """``graphs_per_bucket="auto"``: the partition of the size-sorted graphs into runs is the
+    cheapest under ``overhead + graphs x n_pad^2`` per bucket (against every composition of
+    small cases); no overhead gives one graph per bucket, a huge one a single bucket."""
+    import itertools
+
+    from chimera.models.graph import MAX_GRAPHS_PER_BUCKET, bucket_sizes_auto
+
+    def cost(counts, sizes, overhead):
+        total, start = 0.0, 0
+        for k in sizes:
+            pad = -(-counts[start + k - 1] // 8) * 8
+            total += overhead + k * pad * pad
+            start += k
+        return total
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        n = 1 + trial % 7
+        counts = sorted(torch.randint(1, 400, (n,), generator=g).tolist())
+        overhead = [0.0, 5e3, 3e4, 2e5][trial % 4]
+        sizes = bucket_sizes_auto(counts, overhead)
+        assert sum(sizes) == n and min(sizes) >= 1
+        best = min(cost(counts, [b - a for a, b in zip((0, *cuts), (*cuts, n), strict=True)],
+                        overhead)
+                   for r in range(n) for cuts in itertools.combinations(range(1, n), r))
+        assert cost(counts, sizes, overhead) == pytest.approx(best)
+    counts = list(range(10, 170, 10))
+    assert bucket_sizes_auto(counts, 0.0) == [1] * 16
+    assert bucket_sizes_auto(counts, 1e12) == [16]
+    many = bucket_sizes_auto([50] * 100, 1e12)
+    assert max(many) == MAX_GRAPHS_PER_BUCKET and sum(many) == 100

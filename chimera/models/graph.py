@@ -24,6 +24,7 @@ graph) and :func:`graph_topology` then only wraps tensors.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -158,16 +159,57 @@ class GraphBuckets:
     topology: Topology
 
 
+#: the fixed cost of one size bucket in padded node pairs (one graph block of ``n x n`` costs
+#: ``n^2``): on a CPU, 4 heads, forward + backward, a bucket's own work (its factorisation
+#: steps, per-head loops and autograd nodes) took ~2 ms and a padded node pair ~70 ns
+BUCKET_OVERHEAD_PAIRS = 30_000
+#: buckets hold at most this many graphs under ``graphs_per_bucket="auto"``
+MAX_GRAPHS_PER_BUCKET = 32
+
+
+def bucket_sizes_auto(sorted_counts: list[int], overhead: float = BUCKET_OVERHEAD_PAIRS,
+                      multiple: int = 8) -> list[int]:
+    """Graphs per bucket, in order, for graphs sorted by node count: the partition into runs of
+    consecutive graphs that minimises ``sum over buckets (overhead + graphs x n_pad^2)``, with
+    ``n_pad`` the bucket's largest graph rounded up to ``multiple`` (dynamic programming over
+    the split points, ``O(G x MAX_GRAPHS_PER_BUCKET)``).
+
+    Why: a bucket costs a fixed amount besides its padded ``n^2`` work, so small graphs pay off in
+    large buckets (their padding is cheap) and large ones in small buckets; on 64 peptides this
+    gives 10 buckets instead of 16 fixed ones of 4 graphs (see ``results/bench_graphs``)."""
+    n = len(sorted_counts)
+    best = [0.0] + [math.inf] * n
+    split = [0] * (n + 1)
+    for hi in range(1, n + 1):
+        pad = -(-max(sorted_counts[hi - 1], 1) // multiple) * multiple
+        for lo in range(max(0, hi - MAX_GRAPHS_PER_BUCKET), hi):
+            c = best[lo] + overhead + (hi - lo) * pad * pad
+            if c < best[hi]:
+                best[hi], split[hi] = c, lo
+    sizes, hi = [], n
+    while hi:
+        sizes.append(hi - split[hi])
+        hi = split[hi]
+    return sizes[::-1]
+
+
+def _check_graphs_per_bucket(value: object) -> None:
+    if value is None or value == "auto":
+        return
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"graphs_per_bucket must be >= 1, 'auto' or None, got {value!r}")
+
+
 def bucket_graphs(
     edge_index: Tensor,
     batch: Tensor,
     num_graphs: int,
-    graphs_per_bucket: int,
+    graphs_per_bucket: int | Literal["auto"],
     bfs_depth: Tensor | None = None,
     diameter: Tensor | None = None,
 ) -> GraphBuckets:
     """Group the graphs of a PyG batch into buckets of ``graphs_per_bucket`` graphs of similar
-    size (sorted by node count).
+    size (sorted by node count); ``"auto"``: bucket sizes from :func:`bucket_sizes_auto`.
 
     Why: the dense resolvents work on one ``n_max x n_max`` block per graph, ``n_max`` the largest
     graph of the call, at ``O(n_max^3)`` each; on Peptides (mean 152 atoms, max 444) a batch of 16
@@ -176,16 +218,27 @@ def bucket_graphs(
     or per graph. Within a bucket, graphs (and their nodes) keep their batch order, so a graph's
     first node - the root of its BFS DAGs - is unchanged.
     """
-    if graphs_per_bucket < 1:
-        raise ValueError(f"graphs_per_bucket must be >= 1, got {graphs_per_bucket}")
+    if graphs_per_bucket != "auto" and graphs_per_bucket < 1:
+        raise ValueError(f"graphs_per_bucket must be >= 1 or 'auto', got {graphs_per_bucket}")
     device = batch.device
+    if diameter is not None and torch.as_tensor(diameter).numel() != num_graphs:
+        raise ValueError(f"diameter must have one entry per graph ({num_graphs}), got "
+                         f"{torch.as_tensor(diameter).numel()}")
     counts = torch.bincount(batch, minlength=num_graphs)
     order = torch.sort(counts, stable=True).indices
+    if graphs_per_bucket == "auto":
+        sizes = bucket_sizes_auto(counts[order].tolist())
+    else:
+        sizes = [graphs_per_bucket] * (num_graphs // graphs_per_bucket)
+        sizes += [num_graphs % graphs_per_bucket] if num_graphs % graphs_per_bucket else []
     edge_graph = batch[edge_index[0]]
     new_id = torch.empty(batch.numel(), dtype=torch.long, device=device)
     parts = []
-    for start in range(0, num_graphs, graphs_per_bucket):
-        gids = torch.sort(order[start:start + graphs_per_bucket]).values
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + size)
+    for start, stop in zip(starts[:-1], starts[1:], strict=True):
+        gids = torch.sort(order[start:stop]).values
         node_ids = torch.nonzero(torch.isin(batch, gids)).flatten()
         edge_ids = torch.nonzero(torch.isin(edge_graph, gids)).flatten()
         new_id[node_ids] = torch.arange(node_ids.numel(), device=device)
@@ -223,12 +276,14 @@ class ChimeraGraphConv(nn.Module):
       4 heads) they take about a fifth of the state scan's time, which holds ``N x P`` states
       for every atom).
 
-    Size buckets: on a batch of more than ``graphs_per_bucket`` graphs, the operator runs on
-    buckets of that many graphs of similar size (:func:`bucket_graphs`; same values and
-    gradients, far less padding of the per-graph dense blocks, and on DAGs fewer levels
-    swept at once than the deepest graph of the whole batch needs); ``None`` = one call on the
-    whole batch. :meth:`structure` builds the buckets (or the plain topology) once for several
-    layers; ``forward`` builds them itself when given no ``topology``.
+    Size buckets: on a batch of several graphs, the operator runs on buckets of graphs of
+    similar size (:func:`bucket_graphs`; same values and gradients, far less padding of the
+    per-graph dense blocks, and on DAGs fewer levels swept at once than the deepest graph of the
+    whole batch needs): ``graphs_per_bucket="auto"`` (default) sizes them by a cost model
+    (:func:`bucket_sizes_auto`: many small graphs per bucket, few large ones), an int fixes the
+    count, ``None`` = one call on the whole batch. :meth:`structure` builds the buckets (or the
+    plain topology) once for several layers; ``forward`` builds them itself when given no
+    ``topology``.
 
     Edge features (``edge_dim``) give a per-edge selectivity ``delta_e`` that enters ``A_ij``
     as ``(delta_i + delta_j + delta_e) / 3`` (the review's answer on edge features).
@@ -248,8 +303,9 @@ class ChimeraGraphConv(nn.Module):
         expand: ``d_inner = expand * channels``.
         edge_dim: width of ``edge_attr`` (``None``: no edge features).
         num_terms: a fixed ``K`` for ``neumann`` (overrides ``k_mode``).
-        graphs_per_bucket: graphs per size bucket when ``forward`` gets no ``topology``
-            (``None``: the whole batch in one call).
+        graphs_per_bucket: graphs per size bucket when ``forward`` gets no ``topology``:
+            ``"auto"`` (by :func:`bucket_sizes_auto`), an int, or ``None`` (the whole batch in
+            one call).
         **mixer_kwargs: further :class:`~chimera.ChimeraMixer` options (``gamma``,
             ``edge_selectivity``, ``dag_norm``, ``dag_sum``, ``sharing``, ``dt_min``, ...).
     """
@@ -267,12 +323,11 @@ class ChimeraGraphConv(nn.Module):
         k_mode: KMode = "diameter",
         k_factor: float = 1.0,
         dag_method: str = "auto",
-        graphs_per_bucket: int | None = 4,
+        graphs_per_bucket: int | Literal["auto"] | None = "auto",
         **mixer_kwargs,
     ) -> None:
         super().__init__()
-        if graphs_per_bucket is not None and graphs_per_bucket < 1:
-            raise ValueError(f"graphs_per_bucket must be >= 1 or None, got {graphs_per_bucket}")
+        _check_graphs_per_bucket(graphs_per_bucket)
         if method not in ("exact", "neumann", "dag"):
             raise ValueError(f"unknown method {method!r}; use 'exact', 'neumann' or 'dag'")
         if k_mode not in ("diameter", "max_nodes"):
@@ -310,7 +365,7 @@ class ChimeraGraphConv(nn.Module):
         *,
         bfs_depth: Tensor | None = None,
         diameter: Tensor | None = None,
-        graphs_per_bucket: int | None | Literal["layer"] = "layer",
+        graphs_per_bucket: int | Literal["auto", "layer"] | None = "layer",
     ) -> Topology | GraphBuckets:
         """The batch's structure for ``forward(..., topology=)``: size buckets
         (:func:`bucket_graphs`) when the batch has more than ``graphs_per_bucket`` graphs (default:
@@ -321,7 +376,7 @@ class ChimeraGraphConv(nn.Module):
             batch = torch.zeros(int(num_nodes), dtype=torch.long, device=edge_index.device)
         if num_graphs is None:
             num_graphs = int(batch.max()) + 1 if batch.numel() else 1
-        if per is not None and num_graphs > per:
+        if per is not None and num_graphs > (1 if per == "auto" else per):
             return bucket_graphs(edge_index, batch, num_graphs, per, bfs_depth=bfs_depth,
                                  diameter=diameter)
         return graph_topology(edge_index, int(num_nodes), batch, bfs_depth=bfs_depth,
@@ -694,9 +749,10 @@ class GraphModel(nn.Module):
             (``node_in_dim`` floats); edge_encoder: ``"bond"``, ``"linear"`` (``edge_in_dim``)
             or ``None`` (no edge features).
         head_layers: number of linear layers of the MLP head.
-        graphs_per_bucket: Chimera (every method): run the global operator on buckets of this
-            many graphs of similar size (:func:`bucket_graphs`; same result, far less padding,
-            and on DAGs shallower level sweeps); ``None`` = the whole batch in one call.
+        graphs_per_bucket: Chimera (every method): run the global operator on buckets of
+            graphs of similar size (:func:`bucket_graphs`; same result, far less padding, and on
+            DAGs shallower level sweeps): ``"auto"`` sizes them by a cost model, an int fixes
+            the count, ``None`` = the whole batch in one call.
         heads: attention / Chimera heads; **layer_kwargs: forwarded to the layers
             (:class:`ChimeraGPSLayer`: ``local``, ``norm``, ``d_state``, ``method``, ``k_mode``,
             ``k_factor``, ``expand``, ...).
@@ -720,12 +776,11 @@ class GraphModel(nn.Module):
         dropout: float = 0.0,
         heads: int = 2,
         head_layers: int = 3,
-        graphs_per_bucket: int | None = 4,
+        graphs_per_bucket: int | Literal["auto"] | None = "auto",
         **layer_kwargs,
     ) -> None:
         super().__init__()
-        if graphs_per_bucket is not None and graphs_per_bucket < 1:
-            raise ValueError(f"graphs_per_bucket must be >= 1 or None, got {graphs_per_bucket}")
+        _check_graphs_per_bucket(graphs_per_bucket)
         self.graphs_per_bucket = graphs_per_bucket
         if task_level not in ("graph", "node"):
             raise ValueError(f"task_level must be 'graph' or 'node', got {task_level!r}")

@@ -468,7 +468,7 @@ class ChimeraMixer(nn.Module):
                 if keep is not None:
                     w = torch.where(keep.unsqueeze(1), w, 0.0)
                 if self.general_norm == "row":
-                    w = row_normalize(w, psi.reshape(*psi.shape[:2], -1), dag, self.gamma)
+                    w = row_normalize(w, psi, dag, self.gamma)
                 else:
                     w = two_cycle_normalize(w, dag, self.gamma)
                 scale = d_g

@@ -14,6 +14,7 @@ deprecated in favour of ``torch.compile``, which would keep the Python loop) or 
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -22,6 +23,8 @@ from torch import Tensor
 
 _SCRIPTED = True
 _compiled: dict[str, Callable] = {}
+# the first calls may come from several bucket threads at once (and catch_warnings is global)
+_compile_lock = threading.Lock()
 
 
 def set_scripted(enabled: bool) -> None:
@@ -36,16 +39,20 @@ def _impl(fn: Callable) -> Callable:
     if not _SCRIPTED:
         return fn
     got = _compiled.get(fn.__name__)
-    if got is None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                got = torch.jit.script(fn)
-        except Exception as err:  # noqa: BLE001 - any failure falls back to Python
-            warnings.warn(f"TorchScript could not compile {fn.__name__} ({err}); the band "
-                          "sweeps run as Python", RuntimeWarning, stacklevel=3)
-            got = fn
-        _compiled[fn.__name__] = got
+    if got is not None:
+        return got
+    with _compile_lock:
+        got = _compiled.get(fn.__name__)
+        if got is None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    got = torch.jit.script(fn)
+            except Exception as err:  # noqa: BLE001 - any failure falls back to Python
+                warnings.warn(f"TorchScript could not compile {fn.__name__} ({err}); the band "
+                              "sweeps run as Python", RuntimeWarning, stacklevel=3)
+                got = fn
+            _compiled[fn.__name__] = got
     return got
 
 

@@ -508,14 +508,15 @@ def _band_edge_gradient(M: Tensor, L_padded: Tensor, flat: Tensor, b: int) -> Te
 class _BandedResolvent(torch.autograd.Function):
     """``L = (I - A(w))^-1`` for a block-tridiagonal ``I - A`` (blocks of ``s`` nodes,
     :func:`band_layout`) by block LU without pivoting across blocks (the block Thomas
-    algorithm; valid for a diagonally dominant ``I - A``, see :func:`diagonally_dominant`) and
-    block substitution on the identity.
+    algorithm; valid for a diagonally dominant ``I - A``, see :func:`diagonally_dominant`), then
+    ``X = T^-1`` from the LDU recurrences of :func:`chimera.ops.band_sweeps.fill_inverse`.
 
     With ``D_0 = T_00``, ``G_i = D_{i-1}^-1 T_{i-1,i}``, ``D_i = T_ii - T_{i,i-1} G_i``,
-    ``F_i = T_{i,i-1} D_{i-1}^-1``: forward ``Y_i = E_i - F_i Y_{i-1}``, backward
-    ``X_i = D_i^-1 (Y_i - T_{i,i+1} X_{i+1})``. ``O(n^2 s)`` per graph and head instead of the
-    LU's ``O(n^3)``, in ``3 n / s`` sequential steps. The adjoint ``M = (I - A)^-T gL`` reuses the
-    factors (``Tᵀ``'s pivots are ``D_iᵀ``, its multipliers ``G_iᵀ``), then the edge-only gradient.
+    ``F_i = T_{i,i-1} D_{i-1}^-1``: ``X_{k,j} = -G_{k+1} X_{k+1,j}`` right of the diagonal,
+    ``X_{k,j} = -X_{k,j+1} F_{j+1}`` (plus ``D_j^-1``) on and below it. ``O(n^2 s)`` per graph
+    and head instead of the LU's ``O(n^3)``, in ``2 n / s`` sequential steps. The adjoint
+    ``M = (I - A)^-T gL`` reuses the factors (``Tᵀ``'s pivots are ``D_iᵀ``, its multipliers
+    ``G_iᵀ``), then the edge-only gradient.
     """
 
     @staticmethod
@@ -546,9 +547,8 @@ def _band_solve(w: Tensor, flat: Tensor, num_graphs: int, nb: int,
     lo, dg, up = blocks[:, 0], blocks[:, 1], blocks[:, 2]
     cpu = w.device.type == "cpu"
     # one thread with flush-to-zero: the decaying entries of L turn subnormal, and the flag
-    # only holds on the calling thread (two threads: the sweeps 12 -> 30 ms on 64 peptides)
-    # the loops index views unbound once (a Python index per step and operand is most of a
-    # small product's cost)
+    # only holds on the calling thread (two threads: the sweeps 12 -> 30 ms on 64 peptides);
+    # the sequential loops are chimera.ops.band_sweeps (TorchScript)
     with single_threaded_cpu(cpu), flush_denormal_cpu(cpu):
         d_inv, g = band_sweeps.run_factor(lo, dg, up)
         # -F_i = -T_{i,i-1} D_{i-1}^-1 and -G_i, for i = 1 .. nb - 1

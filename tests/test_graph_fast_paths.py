@@ -506,7 +506,8 @@ def test_band_sweeps_scripted_and_python_match_the_oracle(scripted):
             L, (g,) = _grads(lambda w: dense.resolvent_banded(w, topo, band), [w])
             y, gy = _grads(lambda *a: dense.mix_banded(*a, topo, band), [V, B, C, w])
         kinds = {type(band_sweeps._impl(f)).__name__
-                 for f in (band_sweeps.factor, band_sweeps.fill_inverse, band_sweeps.adjoint_)}
+                 for f in (band_sweeps.factor, band_sweeps.fill_inverse, band_sweeps.adjoint_,
+                           band_sweeps.fill_bidiagonal, band_sweeps.adjoint_bidiagonal_)}
         assert kinds == ({"ScriptFunction"} if scripted else {"function"})
     finally:
         band_sweeps.set_scripted(True)
@@ -715,11 +716,23 @@ def test_banded_masked_attention_node_with_shared_scores():
     _assert_same_and_gradcheck(fused, oracle, [V, B, C, w], tol=1e-10)
 
 
-def test_dag_pair_by_block_bidiagonal_sweeps_in_the_band_layout():
+@pytest.mark.parametrize("scripted", [True, False])
+def test_dag_pair_by_block_bidiagonal_sweeps_in_the_band_layout(scripted):
     """The BFS-DAG pair of a near-chain graph in the down DAG's band layout: each DAG's
     ``I - A`` is block lower / upper bidiagonal there, and ``resolvent_dag_banded`` equals the
     LU oracle in values and edge gradients (gradcheck too); ``mix_sum`` over the pair takes it
-    and matches ``reference`` end to end."""
+    and matches ``reference`` end to end. Its sweeps (:mod:`chimera.ops.band_sweeps`) scripted
+    and as Python."""
+    from chimera.ops import band_sweeps
+
+    band_sweeps.set_scripted(scripted)
+    try:
+        _check_dag_pair_banded()
+    finally:
+        band_sweeps.set_scripted(True)
+
+
+def _check_dag_pair_banded() -> None:
     topo = _batch(_chain_with_rings(40, 4), _chain_with_rings(23, 5))
     down, up = topo.dags()
     band = dense.band_layout(down)

@@ -1,6 +1,10 @@
 """The sequential block sweeps of the banded resolvent (:mod:`chimera.ops.dense`), as plain
 functions that TorchScript can compile.
 
+The block-tridiagonal ``T`` of a general graph (:func:`factor`, :func:`fill_inverse`,
+:func:`adjoint_`) and the block-bidiagonal ``T`` of a BFS DAG (:func:`fill_bidiagonal`,
+:func:`adjoint_bidiagonal_`).
+
 Why TorchScript: a band sweep is ``~3 nb`` small batched products per bucket (``nb`` blocks of
 ``s`` = 8-24 nodes), so on a CPU its cost is mostly per-operation overhead, and the size buckets
 that run on concurrent threads (:mod:`chimera.buckets`) then spend it fighting over Python's
@@ -109,6 +113,43 @@ def adjoint_(M: Tensor, d_inv: Tensor, g: Tensor, lo: Tensor, buf: Tensor) -> No
         M[:, i].copy_(torch.bmm(d_inv[i].mT, buf[0], out=buf[1]))
 
 
+def fill_bidiagonal(L: Tensor, F: Tensor, upper: bool, buf: Tensor) -> None:
+    """``L (m, nb, s, n)`` (its diagonal blocks ``D_i^-1`` set, zero elsewhere) ``<- T^-1`` for a
+    block lower (or, ``upper``, upper) bidiagonal ``T`` with ``F_i = D_i^-1 T_{i,i-1}`` (or
+    ``D_i^-1 T_{i,i+1}``): ``X_i -= F_i X_{i-1}`` over the columns before block ``i`` (after it),
+    one product per block row. ``buf``: scratch of ``m s n`` elements."""
+    m, nb, s, n = L.shape
+    if upper:
+        for i in range(nb - 2, -1, -1):
+            c = (i + 1) * s
+            out = torch.bmm(F[i], L[:, i + 1, :, c:], out=buf[: m * s * (n - c)].view(m, s, n - c))
+            L[:, i, :, c:].sub_(out)
+    else:
+        for i in range(1, nb):
+            c = i * s
+            out = torch.bmm(F[i], L[:, i - 1, :, :c], out=buf[: m * s * c].view(m, s, c))
+            L[:, i, :, :c].sub_(out)
+
+
+def adjoint_bidiagonal_(M: Tensor, d_inv: Tensor, off: Tensor, upper: bool,
+                        buf: Tensor) -> None:
+    """``M (m, nb, s, n) <- T^-T M`` in place for the ``T`` of :func:`fill_bidiagonal` with
+    diagonal blocks' inverses ``d_inv`` and off-diagonal blocks ``off`` (``(nb, m, s, s)``):
+    ``Tᵀ`` is block upper bidiagonal for a lower ``T`` (block ``(i, i+1) = T_{i+1,i}ᵀ``) and block
+    lower bidiagonal for an upper one. ``buf``: scratch ``(2, m, s, n)``."""
+    nb = d_inv.shape[0]
+    first = 0 if upper else nb - 1
+    M[:, first].copy_(torch.bmm(d_inv[first].mT, M[:, first], out=buf[0]))
+    if upper:
+        for i in range(1, nb):
+            torch.baddbmm(M[:, i], off[i - 1].mT, M[:, i - 1], alpha=-1.0, out=buf[0])
+            M[:, i].copy_(torch.bmm(d_inv[i].mT, buf[0], out=buf[1]))
+    else:
+        for i in range(nb - 2, -1, -1):
+            torch.baddbmm(M[:, i], off[i + 1].mT, M[:, i + 1], alpha=-1.0, out=buf[0])
+            M[:, i].copy_(torch.bmm(d_inv[i].mT, buf[0], out=buf[1]))
+
+
 def run_factor(lo: Tensor, dg: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     return _impl(factor)(lo, dg, up)
 
@@ -122,4 +163,14 @@ def run_adjoint_(M: Tensor, d_inv: Tensor, g: Tensor, lo: Tensor, buf: Tensor) -
     _impl(adjoint_)(M, d_inv, g, lo, buf)
 
 
-__all__: list[str] = ["set_scripted", "run_factor", "run_fill_inverse", "run_adjoint_"]
+def run_fill_bidiagonal(L: Tensor, F: Tensor, upper: bool, buf: Tensor) -> None:
+    _impl(fill_bidiagonal)(L, F, upper, buf)
+
+
+def run_adjoint_bidiagonal_(M: Tensor, d_inv: Tensor, off: Tensor, upper: bool,
+                            buf: Tensor) -> None:
+    _impl(adjoint_bidiagonal_)(M, d_inv, off, upper, buf)
+
+
+__all__: list[str] = ["set_scripted", "run_factor", "run_fill_inverse", "run_adjoint_",
+                      "run_fill_bidiagonal", "run_adjoint_bidiagonal_"]

@@ -649,15 +649,8 @@ class _BandedTriangularResolvent(torch.autograd.Function):
             L_padded = w.new_zeros(m * n + 2 * s, n)
             L = L_padded[s:-s].view(m, nb, s, n)
             L.view(m, nb, s, nb, s).diagonal(dim1=1, dim2=3).copy_(d_inv.permute(1, 2, 3, 0))
-            Lr, Fr = L.unbind(1), F.unbind(0)
-            flat_buf = torch.empty(m * s * n, dtype=w.dtype, device=w.device)
-            steps = range(nb - 2, -1, -1) if upper else range(1, nb)
-            for i in steps:  # the other rows' nonzero columns: after block i (upper), before
-                cols = slice((i + 1) * s, n) if upper else slice(0, i * s)
-                width = n - (i + 1) * s if upper else i * s
-                prev = Lr[i + 1] if upper else Lr[i - 1]
-                out = flat_buf[: m * s * width].view(m, s, width)
-                Lr[i][:, :, cols].sub_(torch.bmm(Fr[i], prev[:, :, cols], out=out))
+            buf = torch.empty(m * s * n, dtype=w.dtype, device=w.device)
+            band_sweeps.run_fill_bidiagonal(L, F, upper, buf)
         flush_tiny_into(L, L)
         ctx.save_for_backward(L_padded, d_inv, off, flat)
         ctx.upper = upper
@@ -671,16 +664,8 @@ class _BandedTriangularResolvent(torch.autograd.Function):
         M = gL.reshape(m, nb, s, n).clone(memory_format=torch.contiguous_format)
         cpu = gL.device.type == "cpu"
         with single_threaded_cpu(cpu), flush_denormal_cpu(cpu):
-            Mr, dT, offT = M.unbind(1), d_inv.mT.unbind(0), off.mT.unbind(0)
-            buf, buf2 = torch.empty(2, m, s, n, dtype=gL.dtype, device=gL.device)
-            # T^T is block upper bidiagonal for a lower T (block (i, i+1) = T_{i+1,i}^T) and
-            # block lower bidiagonal for an upper T (block (i, i-1) = T_{i-1,i}^T)
-            first = 0 if ctx.upper else nb - 1
-            Mr[first].copy_(torch.bmm(dT[first], Mr[first], out=buf))
-            for i in (range(1, nb) if ctx.upper else range(nb - 2, -1, -1)):
-                j = i - 1 if ctx.upper else i + 1
-                torch.baddbmm(Mr[i], offT[j], Mr[j], alpha=-1, out=buf)
-                Mr[i].copy_(torch.bmm(dT[i], buf, out=buf2))
+            buf = torch.empty(2, m, s, n, dtype=gL.dtype, device=gL.device)
+            band_sweeps.run_adjoint_bidiagonal_(M, d_inv, off, ctx.upper, buf)
         flush_tiny_into(M, M)
         return (_band_edge_gradient(M, L_padded, flat, gL.shape[0]),
                 None, None, None, None, None)

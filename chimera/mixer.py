@@ -31,10 +31,10 @@ from chimera.norm import (
     row_normalize,
     two_cycle_normalize,
 )
-from chimera.ops import mix, mix_sum
+from chimera.ops import dense, mix, mix_sum
 from chimera.ops.linalg import autocast_off
 from chimera.ops.line import DENSE_LINE_MAX
-from chimera.ops.mix import METHODS
+from chimera.ops.mix import METHODS, fused_band_for
 from chimera.topology import Topology
 from chimera.varlen import Segments, resolve_segments
 
@@ -361,12 +361,21 @@ class ChimeraMixer(nn.Module):
             ((_, _, w, scale),) = self._edge_weights(delta, psi, delta_edge, topology, None)
             node_in = (V * scale.unsqueeze(-1), Bs, Cs)
             edge_in, params = w.permute(2, 0, 1).contiguous(), []  # (E, b, H): buckets take rows
+            # the band's precondition for all buckets at once (if it fails, each bucket checks
+            # its own rows on the general path)
+            dominant = self.num_groups == 1 and dense.diagonally_dominant(w, topology)
 
             def run(k, Vk, Bk, Ck, wk):
                 sub = buckets[k][2].to(x.device)
-                part = (sub, self.groups[0], wk.permute(1, 2, 0), None)
-                return self._mix_weighted(Vk, Bk, Ck, [part], None, method=_pick(methods, k),
-                                          num_terms=_pick(num_terms, k))
+                wk = wk.permute(1, 2, 0)
+                m = _pick(methods, k) or self._method_for(sub)
+                band = fused_band_for(Vk, wk, sub, m, dominant=True) if dominant else None
+                if band is not None:
+                    # what mix would reach through mix_sum, with B and C as one head (their
+                    # scores are shared): no expand/slice pair and its backward per bucket
+                    return dense.mix_banded(Vk, Bk, Ck, wk, sub, band)
+                return self._mix_weighted(Vk, Bk, Ck, [(sub, self.groups[0], wk, None)], None,
+                                          method=m, num_terms=_pick(num_terms, k))
         else:
             node_in, edge_in, params = (V, Bs, Cs, delta, psi), delta_edge, [self.A_log]
 

@@ -765,3 +765,41 @@ def _check_dag_pair_banded() -> None:
     y_ref = sum(mix(V, Bg.expand_as(B), Cg.expand_as(C), w, d, method="reference")
                 for w, d in zip(ws, (down, up), strict=True))
     torch.testing.assert_close(y, y_ref.to(y.dtype), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bucket_band_path_equals_one_call(threads):
+    """``ChimeraGraphConv`` (exact) on near-chain graphs in size buckets: each bucket takes the
+    fused band node straight from ``forward_buckets`` (B and C as one head), and values and
+    gradients equal one call on the whole batch (float64), on one thread and on two (the
+    buckets on threads)."""
+    from chimera.models.graph import ChimeraGraphConv
+
+    graphs = [_chain_with_rings(n, seed) for seed, n in enumerate((45, 38, 70, 52, 66))]
+    topo = _batch(*graphs)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(topo.num_nodes, 16, generator=g, dtype=torch.float64)
+    ea = torch.randn(topo.num_edges, 4, generator=g, dtype=torch.float64)
+    cot = torch.randn(topo.num_nodes, 16, generator=g, dtype=torch.float64)
+    outs, calls = [], []
+    banded = dense.mix_banded
+    before = torch.get_num_threads()
+    try:
+        dense.mix_banded = lambda *a: calls.append(a[1].shape[2]) or banded(*a)  # B's heads
+        torch.set_num_threads(threads)
+        for per_bucket in (None, 2):
+            torch.manual_seed(0)
+            conv = ChimeraGraphConv(16, heads=2, d_state=8, edge_dim=4, method="exact",
+                                    graphs_per_bucket=per_bucket).double()
+            xi = x.clone().requires_grad_(True)
+            y = conv(xi, topo.edge_index, ea, topo.batch)
+            (y * cot).sum().backward()
+            outs.append((y.detach(), xi.grad, *(p.grad for p in conv.parameters())))
+    finally:
+        dense.mix_banded = banded
+        torch.set_num_threads(before)
+    # one call on the whole batch (through mix, B expanded to the heads), then one per bucket
+    # of <= 2 graphs straight from forward_buckets (B as one head)
+    assert calls == [2, 1, 1, 1]
+    for a, c in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(c, a, atol=1e-10, rtol=1e-8)

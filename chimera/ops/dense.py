@@ -684,7 +684,8 @@ def resolvent_dag_banded(edge_weight: Tensor, topo: Topology, band: BandLayout,
 def mix_banded(V: Tensor, B: Tensor, C: Tensor, edge_weight: Tensor, topo: Topology,
                band: BandLayout) -> Tensor:
     """``Y = (L ∘ C Bᵀ) V`` with ``L`` from :func:`resolvent_banded`, node tensors ``(b, T, H,
-    ·)`` as in :func:`sma_apply`, in one autograd node (:class:`_BandedMaskedAttention`)."""
+    ·)`` as in :func:`sma_apply` (``B``, ``C`` with ``H`` heads or one, shared), in one autograd
+    node (:class:`_BandedMaskedAttention`)."""
     if _shared_across_heads(B) and _shared_across_heads(C):
         B, C = B[:, :, :1], C[:, :, :1]  # scores once for all heads (see sma_apply)
     lay = band.layout

@@ -308,16 +308,33 @@ def resolvent(edge_weight: Tensor, topology: Topology, method: Method = "exact",
     return L, layout
 
 
-def _band_for(edge_weight: Tensor, topology: Topology, method: str) -> dense.BandLayout | None:
+def _band_for(edge_weight: Tensor, topology: Topology, method: str,
+              dominant: bool | None = None) -> dense.BandLayout | None:
     """The band layout for the block-tridiagonal elimination: the exact resolvent of a graph
     with cycles whose band pays off and whose ``I - A`` is diagonally dominant (lines try
-    their closed forms first, see :func:`resolvent`)."""
+    their closed forms first, see :func:`resolvent`); ``dominant``: already known (else
+    checked)."""
     if method != "exact" or topology.is_dag:
         return None
     band = dense.band_layout(topology)
-    if band is None or not dense.diagonally_dominant(edge_weight, topology):
+    if band is None:
         return None
-    return band
+    if dominant is None:
+        dominant = dense.diagonally_dominant(edge_weight, topology)
+    return band if dominant else None
+
+
+def fused_band_for(V: Tensor, edge_weight: Tensor, topology: Topology, method: str,
+                   dominant: bool | None = None) -> dense.BandLayout | None:
+    """The band layout when ``mix(V, B, C, edge_weight, topology, method)`` takes the fused
+    band node (:func:`chimera.ops.dense.mix_banded`), else ``None``: exact, a cyclic graph that
+    is not a line, a band that pays off, a diagonally dominant ``I - A`` (``dominant``: known
+    beforehand, e.g. for a whole batch), float32/64 inputs of one dtype, no autocast. Callers
+    that meet these can call ``mix_banded`` directly, with ``B``, ``C`` of one head."""
+    if (torch.is_autocast_enabled(V.device.type) or V.dtype not in (torch.float32, torch.float64)
+            or edge_weight.dtype != V.dtype or line_kind(topology) is not None):
+        return None
+    return _band_for(edge_weight, topology, method, dominant)
 
 
 def _mix_dense(V, B, C, w, topo, method, num_terms) -> Tensor:

@@ -15,6 +15,7 @@ real token in either direction.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Literal
 
@@ -376,6 +377,25 @@ class ChimeraMixer(nn.Module):
                     return dense.mix_banded(Vk, Bk, Ck, wk, sub, band)
                 return self._mix_weighted(Vk, Bk, Ck, [(sub, self.groups[0], wk, None)], None,
                                           method=m, num_terms=_pick(num_terms, k))
+        elif self._dags_match_per_bucket(topology, buckets):
+            # BFS-DAG pairs: every graph's DAGs are the same in the batch and in its bucket (BFS
+            # depths from the graph's first node), so the DAGs' weights and node scales are
+            # computed once for the batch too; buckets take their edges' rows of a (E, b, K, H)
+            # tensor (slot k = DAG k, zero where an edge is not in that DAG) and nodes' scales
+            parts = self._edge_weights(delta, psi, delta_edge, topology, None)
+            W = torch.stack([w.new_zeros(topology.num_edges, *w.shape[:2]).index_copy(
+                0, dag.parent_edge, w.permute(2, 0, 1)) for dag, _, w, _ in parts], dim=2)
+            scales = torch.stack([scale for *_, scale in parts], dim=2)  # (b, T, K, H)
+            node_in, edge_in, params = (V, Bs, Cs, scales), W, []
+
+            def run(k, Vk, Bk, Ck, sk, Wk):
+                sub = buckets[k][2].to(x.device)
+                parts_k = [(dag, g, Wk[:, :, i].index_select(0, dag.parent_edge).permute(1, 2, 0),
+                            sk[:, :, i])
+                           for i, (dag, g) in enumerate(zip(self._dags(sub), self.groups,
+                                                            strict=True))]
+                return self._mix_weighted(Vk, Bk, Ck, parts_k, None, method=_pick(methods, k),
+                                          num_terms=_pick(num_terms, k))
         else:
             node_in, edge_in, params = (V, Bs, Cs, delta, psi), delta_edge, [self.A_log]
 
@@ -406,6 +426,43 @@ class ChimeraMixer(nn.Module):
         inverse[node_perm] = torch.arange(node_perm.numel(), device=node_perm.device)
         y = torch.cat(ys, dim=1).index_select(1, inverse)
         return self._output(y, V, z)
+
+    def _dags_match_per_bucket(self, topology: Topology,
+                               buckets: Sequence[tuple[Tensor, Tensor, Topology]]) -> bool:
+        """Whether every bucket's DAG decomposition is the batch's restricted to its graphs,
+        edge for edge (BFS pairs of graphs: the same depths from each graph's first node), so
+        that the DAGs' weights can be computed once for the batch. Checked once per batch
+        structure (cached on the bucket topologies)."""
+        if self.resolvent != "dag" or self.conv_kind != "graph":
+            return False
+        whole = self._dags(topology)
+        if len(whole) != self.num_dags or any(d.parent_edge is None for d in whole):
+            return False
+
+        def matches(edge_ids: Tensor, sub: Topology) -> bool:
+            dags = self._dags(sub)
+            if len(dags) != len(whole) or any(d.parent_edge is None for d in dags):
+                return False
+            for mine, theirs in zip(dags, whole, strict=True):
+                inside = torch.zeros(topology.num_edges, dtype=torch.bool, device=edge_ids.device)
+                inside[theirs.parent_edge] = True
+                # the bucket's DAG edges, as batch edges, are exactly the batch DAG's edges
+                # among the bucket's own
+                batch_edges = edge_ids[mine.parent_edge]
+                if not (bool(inside[batch_edges].all())
+                        and int(inside[edge_ids].sum()) == mine.num_edges):
+                    return False
+            return True
+
+        ok = True
+        for _, edge_ids, sub in buckets:
+            # cached on the bucket with a weak reference to the batch it was checked against
+            hit = sub._cache.get("dags_match_batch")
+            if hit is None or hit[0]() is not topology:
+                hit = (weakref.ref(topology), matches(edge_ids, sub))
+                sub._cache["dags_match_batch"] = hit
+            ok = ok and hit[1]
+        return ok
 
     # ------------------------------------------------------------------ the forward's stages
     def _project(self, x: Tensor, topology: Topology, edge_attr: Tensor | None,

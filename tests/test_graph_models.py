@@ -624,3 +624,27 @@ def _bucket_run_in_child() -> dict:
     import chimera.buckets
 
     return chimera.buckets._run(2, _double, [2, 0, 1])
+
+
+def test_dag_weights_once_per_batch_only_where_bucket_dags_match():
+    """BFS-DAG layers compute the DAGs' weights once for the batch when every bucket's DAGs
+    are the batch's restricted to its graphs (buckets from ``bucket_graphs``: same roots, so
+    same depths); a bucket whose graph is relabelled (another BFS root, other DAGs) is refused
+    and the buckets normalise their own DAGs, which ``forward_buckets`` then mixes."""
+    from chimera.models.graph import bucket_graphs
+
+    torch.manual_seed(8)
+    b = batch_of([ring_with_tail(9), path(5), ring_with_tail(14)], [9, 5, 14])
+    conv = ChimeraGraphConv(8, edge_dim=3, method="dag", **SMALL).double()
+    mixer = conv.mixer
+    bk = bucket_graphs(b.edge_index, b.batch, 3, 2)
+    parts = [(p.node_ids, p.edge_ids, p.topology) for p in bk.parts]
+    assert mixer._dags_match_per_bucket(bk.topology, parts)
+    # the 14-node graph's nodes in reverse order: its first node (the BFS root) changes
+    node_ids, edge_ids, sub = parts[-1]
+    n = sub.num_nodes
+    flipped = from_edge_index(n - 1 - sub.edge_index, n, batch=sub.batch)
+    moved = [*parts[:-1], (node_ids.flip(0), edge_ids, flipped)]
+    assert not mixer._dags_match_per_bucket(bk.topology, moved)
+    y = mixer.forward_buckets(b.x.unsqueeze(0), bk.topology, moved, b.edge_attr)
+    assert y.shape == (1, b.num_nodes, 8) and bool(torch.isfinite(y).all())

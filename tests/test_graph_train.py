@@ -346,6 +346,9 @@ def test_bucket_graphs_partitions_nodes_and_edges():
     assert sorted(torch.cat([p.graph_ids for p in auto.parts]).tolist()) == list(range(5))
     with pytest.raises(ValueError, match="one entry per graph"):
         bucket_graphs(batch.edge_index, batch.batch, 5, "auto", diameter=torch.ones(3))
+    for bad in ("many", None, True):
+        with pytest.raises(ValueError, match="graphs_per_bucket"):
+            bucket_graphs(batch.edge_index, batch.batch, 5, bad)
 
 
 def test_auto_bucket_sizes_minimise_the_cost_model():

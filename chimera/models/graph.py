@@ -24,6 +24,7 @@ graph) and :func:`graph_topology` then only wraps tensors.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -193,11 +194,12 @@ def bucket_sizes_auto(sorted_counts: list[int], overhead: float = BUCKET_OVERHEA
     return sizes[::-1]
 
 
-def _check_graphs_per_bucket(value: object) -> None:
-    if value is None or value == "auto":
+def _check_graphs_per_bucket(value: object, allow_none: bool = True) -> None:
+    if (value is None and allow_none) or value == "auto":
         return
-    if not isinstance(value, int) or value < 1:
-        raise ValueError(f"graphs_per_bucket must be >= 1, 'auto' or None, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        none = ", 'auto' or None" if allow_none else " or 'auto'"
+        raise ValueError(f"graphs_per_bucket must be >= 1{none}, got {value!r}")
 
 
 def bucket_graphs(
@@ -218,8 +220,7 @@ def bucket_graphs(
     or per graph. Within a bucket, graphs (and their nodes) keep their batch order, so a graph's
     first node - the root of its BFS DAGs - is unchanged.
     """
-    if graphs_per_bucket != "auto" and graphs_per_bucket < 1:
-        raise ValueError(f"graphs_per_bucket must be >= 1 or 'auto', got {graphs_per_bucket}")
+    _check_graphs_per_bucket(graphs_per_bucket, allow_none=False)
     device = batch.device
     if diameter is not None and torch.as_tensor(diameter).numel() != num_graphs:
         raise ValueError(f"diameter must have one entry per graph ({num_graphs}), got "
@@ -229,15 +230,13 @@ def bucket_graphs(
     if graphs_per_bucket == "auto":
         sizes = bucket_sizes_auto(counts[order].tolist())
     else:
-        sizes = [graphs_per_bucket] * (num_graphs // graphs_per_bucket)
-        sizes += [num_graphs % graphs_per_bucket] if num_graphs % graphs_per_bucket else []
+        sizes = [min(graphs_per_bucket, num_graphs - start)
+                 for start in range(0, num_graphs, graphs_per_bucket)]
     edge_graph = batch[edge_index[0]]
     new_id = torch.empty(batch.numel(), dtype=torch.long, device=device)
     parts = []
-    starts = [0]
-    for size in sizes:
-        starts.append(starts[-1] + size)
-    for start, stop in zip(starts[:-1], starts[1:], strict=True):
+    starts = [0, *itertools.accumulate(sizes)]
+    for start, stop in itertools.pairwise(starts):
         gids = torch.sort(order[start:stop]).values
         node_ids = torch.nonzero(torch.isin(batch, gids)).flatten()
         edge_ids = torch.nonzero(torch.isin(edge_graph, gids)).flatten()

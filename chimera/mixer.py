@@ -439,13 +439,19 @@ class ChimeraMixer(nn.Module):
         if len(whole) != self.num_dags or any(d.parent_edge is None for d in whole):
             return False
 
+        masks: list[Tensor] = []  # per batch DAG: which batch edges it holds (built once)
+
         def matches(edge_ids: Tensor, sub: Topology) -> bool:
             dags = self._dags(sub)
             if len(dags) != len(whole) or any(d.parent_edge is None for d in dags):
                 return False
-            for mine, theirs in zip(dags, whole, strict=True):
-                inside = torch.zeros(topology.num_edges, dtype=torch.bool, device=edge_ids.device)
-                inside[theirs.parent_edge] = True
+            if not masks:
+                for theirs in whole:
+                    inside = torch.zeros(topology.num_edges, dtype=torch.bool,
+                                         device=edge_ids.device)
+                    inside[theirs.parent_edge] = True
+                    masks.append(inside)
+            for mine, inside in zip(dags, masks, strict=True):
                 # the bucket's DAG edges, as batch edges, are exactly the batch DAG's edges
                 # among the bucket's own
                 batch_edges = edge_ids[mine.parent_edge]

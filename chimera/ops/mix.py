@@ -332,13 +332,21 @@ def fused_band_for(V: Tensor, edge_weight: Tensor, topology: Topology, method: s
     beforehand, e.g. for a whole batch), float32/64 inputs of one dtype, no autocast. Callers
     that meet these can call ``mix_banded`` directly, with ``B``, ``C`` of one head."""
     if (torch.is_autocast_enabled(V.device.type) or V.dtype not in (torch.float32, torch.float64)
-            or edge_weight.dtype != V.dtype or line_kind(topology) is not None):
+            or edge_weight.dtype != V.dtype):
+        return None
+    return _mix_band_for(edge_weight, topology, method, dominant)
+
+
+def _mix_band_for(edge_weight: Tensor, topology: Topology, method: str,
+                  dominant: bool | None = None) -> dense.BandLayout | None:
+    """:func:`_band_for` as ``mix`` takes it: lines keep their closed forms."""
+    if line_kind(topology) is not None:
         return None
     return _band_for(edge_weight, topology, method, dominant)
 
 
 def _mix_dense(V, B, C, w, topo, method, num_terms) -> Tensor:
-    band = None if line_kind(topo) is not None else _band_for(w, topo, method)
+    band = _mix_band_for(w, topo, method)
     if band is not None and not torch.is_autocast_enabled(V.device.type):
         # resolvent and masked product in one node (dense.mix_banded)
         return dense.mix_banded(V, B, C, w, topo, band)
